@@ -1,0 +1,7 @@
+"""apo-kernels: fused, exact, memory-lean log-probs and preference losses over an LM head."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
