@@ -4,4 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .ops import LinearLogprobsOutput, linear_logprobs
+
+__all__ = ["__version__", "linear_logprobs", "LinearLogprobsOutput"]

@@ -1,0 +1,141 @@
+"""Where answers come from: an OpenAI-compatible server or a local HF model.
+
+Both backends take a list of :class:`Job` and call ``on_done(job, reply)`` as each one finishes
+(the pipeline stores it right there), and return usage totals for the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .client import ChatClient, ChatResult, RetryPolicy, UsageTotals
+from .io import Prompt, as_messages
+
+
+@dataclass
+class Job:
+    """One model call: a key for the store and the prompt to send."""
+
+    key: str
+    prompt: Prompt
+
+
+@dataclass
+class Reply:
+    """A model call's outcome, the same for every backend."""
+
+    text: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 1
+    error: str | None = None
+    status: int | None = None
+    raw: str | None = None
+
+    @classmethod
+    def from_chat(cls, r: ChatResult) -> Reply:
+        return cls(text=r.text, finish_reason=r.finish_reason, usage=r.usage,
+                   attempts=r.attempts, error=r.error, status=r.status, raw=r.raw)
+
+
+OnDone = Callable[[Job, Reply], None]
+
+
+class Backend(Protocol):
+    """What the pipeline needs from a model."""
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the answers (model and sampling settings): part of each key."""
+        ...
+
+    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals: ...
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat-completions server, called concurrently."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        params: dict[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.base_url, self.model, self.api_key = base_url, model, api_key
+        self.concurrency, self.timeout = concurrency, timeout
+        self.retry = retry or RetryPolicy()
+        self.params = {k: v for k, v in (params or {}).items() if v is not None}
+        self.seed = seed
+
+    def identity(self) -> dict[str, Any]:
+        # The server URL is left out on purpose: the same model behind another endpoint (a
+        # restarted vLLM on a new port) should reuse finished work.
+        return {"backend": "openai", "model": self.model, "params": self.params}
+
+    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals:
+        return asyncio.run(self._run(list(jobs), on_done))
+
+    async def _run(self, jobs: list[Job], on_done: OnDone) -> UsageTotals:
+        client = ChatClient(self.base_url, self.model, self.api_key,
+                            concurrency=self.concurrency, timeout=self.timeout,
+                            retry=self.retry, params=self.params, seed=self.seed)
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        for j in jobs:
+            queue.put_nowait(j)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result = await client.chat(as_messages(job.prompt))
+                on_done(job, Reply.from_chat(result))  # runs on the loop thread: no locking
+
+        async with client:
+            tasks = [asyncio.create_task(worker())
+                     for _ in range(min(self.concurrency, len(jobs)))]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # One failure (e.g. the disk is full) stops everyone: cancel before the client
+                # closes under requests still in flight.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        return client.totals
+
+
+class LocalBackend:
+    """A local transformers model (see :class:`~apo_kernels.clair.local.LocalGenerator`)."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "local", "model": self.generator.name,
+                "params": self.generator.params()}
+
+    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals:
+        totals = UsageTotals()
+        jobs = list(jobs)
+
+        def on_batch(indices: list[int], results: list[Any]) -> None:
+            for i, r in zip(indices, results, strict=True):
+                totals.requests += 1
+                totals.succeeded += 1
+                totals.add_usage(r.usage)
+                on_done(jobs[i], Reply(text=r.text, finish_reason=r.finish_reason,
+                                       usage=r.usage))
+
+        self.generator.generate([j.prompt for j in jobs], on_batch=on_batch)
+        return totals

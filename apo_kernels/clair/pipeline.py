@@ -1,0 +1,394 @@
+"""The CLAIR steps: generate, revise, build.
+
+Each model step works in an output directory::
+
+    <step>.store.jsonl     append-only store of finished calls (the resume point; keep it)
+    <outputs>.jsonl        the step's results in input order
+    <step>.failures.jsonl  items that failed, with the error and the raw reply
+    <step>.summary.json    counts and token usage
+
+An item's key is the sha256 of its input (prompt, answer, step, model identity and sampling
+settings, template hash, and which repeat of an identical input it is), so a rerun with the same
+command skips finished items, and changing the model or the template never reuses stale ones.
+Failures count as finished (a rerun does not hammer a server with the same bad request);
+``retry_failed=True`` redoes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends import Backend, Job, Reply
+from .io import (
+    ClairInputError,
+    Prompt,
+    as_messages,
+    get_field,
+    render_conversation,
+    response_text,
+    validate_prompt,
+    write_hf_dataset,
+    write_jsonl,
+)
+from .parse import parse_revision
+from .prompts import RevisionTemplate, load_template
+from .store import JsonlStore, item_key
+
+GENERATIONS = "generations.jsonl"
+REVISIONS = "revisions.jsonl"
+
+
+@dataclass
+class StepStats:
+    """What a step did."""
+
+    step: str
+    total: int = 0  # items in the input
+    cached: int = 0  # found finished in the store
+    ran: int = 0  # model calls made this run
+    ok: int = 0  # items with a usable result (cached or new)
+    failed: int = 0
+    skipped: int = 0  # build: identical chosen/rejected; generate: existing answers used
+    usage: dict[str, int] = field(default_factory=dict)  # this run's client totals
+    stored_usage: dict[str, int] = field(default_factory=dict)  # over all stored items
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    # disable=None lets tqdm switch itself off when stderr is not a terminal (logs, CI).
+    return tqdm(total=total, desc=desc, unit="item", disable=None if enabled else True,
+                dynamic_ncols=True)
+
+
+def _sum_usage(records: Sequence[dict[str, Any] | None]) -> dict[str, int]:
+    tot: Counter[str] = Counter()
+    for r in records:
+        for k, v in ((r or {}).get("usage") or {}).items():
+            if k in ("prompt_tokens", "completion_tokens", "total_tokens") and isinstance(v, int):
+                tot[k] += v
+    return dict(tot)
+
+
+def _with_occurrence(contents: list[dict[str, Any]]) -> list[int]:
+    """For each item, how many identical items came before it: repeats of one prompt are kept
+    as separate samples instead of collapsing onto one key."""
+    seen: Counter[str] = Counter()
+    occ = []
+    for c in contents:
+        k = item_key(c)
+        occ.append(seen[k])
+        seen[k] += 1
+    return occ
+
+
+def _needs_run(rec: dict[str, Any] | None, retry_failed: bool, usable: bool) -> bool:
+    if rec is None:
+        return True
+    return retry_failed and not usable
+
+
+def _write_summary(out_dir: Path, stats: StepStats) -> None:
+    path = out_dir / f"{stats.step}.summary.json"
+    path.write_text(json.dumps(stats.as_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _run_jobs(backend: Backend, jobs: list[Job], store: JsonlStore, step: str,
+              extra: dict[str, dict[str, Any]], progress: bool) -> dict[str, int]:
+    """Run jobs through the backend, appending each finished one to the store."""
+    if not jobs:
+        return {}
+    bar = _progress(len(jobs), step, progress)
+
+    def on_done(job: Job, reply: Reply) -> None:
+        rec = {"key": job.key, "step": step, **extra[job.key], **asdict(reply)}
+        store.append(rec)
+        bar.update(1)
+
+    try:
+        totals = backend.run(jobs, on_done)
+    finally:
+        bar.close()
+    return totals.as_dict()
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _generate_ok(rec: dict[str, Any] | None) -> bool:
+    return bool(rec) and rec.get("error") is None and bool((rec.get("text") or "").strip())
+
+
+def generate(
+    records: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    backend: Backend,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str | None = None,
+    system_prompt: str | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> StepStats:
+    """Answer each prompt with the target model (``rejected`` to be).
+
+    Records that already hold a non-empty answer in ``response_field`` keep it and are not sent
+    to the model. Writes ``generations.jsonl`` (``prompt``, ``response``, ``source``...) and
+    ``generate.failures.jsonl`` in ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = StepStats("generate", total=len(records))
+    prompts: list[Prompt] = []
+    existing: list[str | None] = []
+    for i, r in enumerate(records):
+        prompts.append(validate_prompt(get_field(r, prompt_field, i, "--prompt-field"),
+                                       f"record {i} field {prompt_field!r}"))
+        ans = response_text(r.get(response_field)) if response_field else None
+        existing.append(ans if ans and ans.strip() else None)
+
+    def full_prompt(p: Prompt) -> Prompt:
+        if system_prompt and not (isinstance(p, list) and p[0]["role"] == "system"):
+            return [{"role": "system", "content": system_prompt}, *as_messages(p)]
+        return p
+
+    ident = backend.identity()
+    occ = _with_occurrence([{"prompt": p} for p in prompts])
+    keys = [item_key({"step": "generate", "prompt": p, "system": system_prompt, "occurrence": o,
+                      "model": ident}) for p, o in zip(prompts, occ, strict=True)]
+
+    out_rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    with JsonlStore(out / "generate.store.jsonl") as store:
+        jobs, extra = [], {}
+        for i, k in enumerate(keys):
+            if existing[i] is not None:
+                continue
+            rec = store.get(k)
+            if _needs_run(rec, retry_failed, _generate_ok(rec)):
+                if k not in extra:  # an identical item twice: one call
+                    jobs.append(Job(k, full_prompt(prompts[i])))
+                    extra[k] = {"index": i, "prompt": prompts[i]}
+            else:
+                stats.cached += 1
+        stats.usage = _run_jobs(backend, jobs, store, "generate", extra, progress)
+        stats.ran = len(jobs)
+        model_name = ident.get("model")
+        for i, k in enumerate(keys):
+            base = {"index": i, "key": k, "prompt": prompts[i]}
+            if existing[i] is not None:
+                stats.skipped += 1
+                stats.ok += 1
+                out_rows.append({**base, "response": existing[i], "source": "input",
+                                 "model": None, "finish_reason": None})
+                continue
+            rec = store.get(k)
+            if _generate_ok(rec):
+                stats.ok += 1
+                out_rows.append({**base, "response": rec["text"], "source": "model",
+                                 "model": model_name, "finish_reason": rec.get("finish_reason")})
+            else:
+                stats.failed += 1
+                failures.append({"step": "generate", **base,
+                                 "error": (rec or {}).get("error") or "empty answer",
+                                 "status": (rec or {}).get("status"),
+                                 "attempts": (rec or {}).get("attempts"),
+                                 "raw": (rec or {}).get("raw") if (rec or {}).get("error")
+                                 else (rec or {}).get("text")})
+        stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
+    write_jsonl(out / GENERATIONS, out_rows)
+    write_jsonl(out / "generate.failures.jsonl", failures)
+    stats.outputs = {"generations": str(out / GENERATIONS),
+                     "failures": str(out / "generate.failures.jsonl")}
+    _write_summary(out, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- revise
+
+
+def revise(
+    records: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    backend: Backend,
+    *,
+    template: RevisionTemplate | None = None,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    check_meta: bool = True,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> StepStats:
+    """Ask the reviser to minimally improve each answer.
+
+    The store keeps the reviser's raw replies; parsing happens when outputs are written, so a
+    reply that cannot be parsed is a failure record holding the raw text (never a pair) and
+    ``retry_failed`` redoes it. Writes ``revisions.jsonl`` (``prompt``, ``original``,
+    ``revision``, ``rationale``) and ``revise.failures.jsonl``.
+    """
+    template = template or load_template()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = StepStats("revise", total=len(records))
+    prompts: list[Prompt] = []
+    answers: list[str] = []
+    for i, r in enumerate(records):
+        prompts.append(validate_prompt(get_field(r, prompt_field, i, "--prompt-field"),
+                                       f"record {i} field {prompt_field!r}"))
+        ans = response_text(get_field(r, response_field, i, "--response-field"))
+        if ans is None or not ans.strip():
+            raise ClairInputError(f"record {i}: field {response_field!r} holds no answer text "
+                                  "(a string, or chat messages ending with an assistant turn)")
+        answers.append(ans)
+
+    ident = backend.identity()
+    contents = [{"prompt": p, "response": a} for p, a in zip(prompts, answers, strict=True)]
+    occ = _with_occurrence(contents)
+    keys = [item_key({"step": "revise", **c, "occurrence": o, "model": ident,
+                      "template": template.sha256}) for c, o in zip(contents, occ, strict=True)]
+
+    def parsed(rec: dict[str, Any] | None) -> Any:
+        if not rec or rec.get("error") is not None:
+            return None
+        return parse_revision(rec.get("text"), rec.get("finish_reason"), check_meta=check_meta)
+
+    out_rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    with JsonlStore(out / "revise.store.jsonl") as store:
+        jobs, extra = [], {}
+        for i, k in enumerate(keys):
+            rec = store.get(k)
+            pr = parsed(rec)
+            if _needs_run(rec, retry_failed, bool(pr and pr.ok)):
+                if k not in extra:
+                    msg = template.render(render_conversation(prompts[i]), answers[i])
+                    jobs.append(Job(k, [{"role": "user", "content": msg}]))
+                    extra[k] = {"index": i}
+            else:
+                stats.cached += 1
+        stats.usage = _run_jobs(backend, jobs, store, "revise", extra, progress)
+        stats.ran = len(jobs)
+        for i, k in enumerate(keys):
+            rec = store.get(k)
+            pr = parsed(rec)
+            base = {"index": i, "key": k, "prompt": prompts[i], "original": answers[i]}
+            if pr is not None and pr.ok:
+                stats.ok += 1
+                out_rows.append({**base, "revision": pr.revision, "rationale": pr.rationale,
+                                 "reviser": ident.get("model"), "template": template.source})
+            else:
+                stats.failed += 1
+                rec = rec or {}
+                if rec.get("error") is not None:
+                    failures.append({"step": "revise", **base, "kind": "request",
+                                     "error": rec["error"], "status": rec.get("status"),
+                                     "attempts": rec.get("attempts"), "raw": rec.get("raw")})
+                else:
+                    failures.append({"step": "revise", **base, "kind": "parse",
+                                     "error": pr.error if pr else "no reply",
+                                     "status": rec.get("status"),
+                                     "attempts": rec.get("attempts"), "raw": rec.get("text"),
+                                     "finish_reason": rec.get("finish_reason")})
+        stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
+    write_jsonl(out / REVISIONS, out_rows)
+    write_jsonl(out / "revise.failures.jsonl", failures)
+    stats.outputs = {"revisions": str(out / REVISIONS),
+                     "failures": str(out / "revise.failures.jsonl")}
+    _write_summary(out, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- build
+
+FORMATS = ("string", "messages")
+
+
+def pair_rows(prompt: Prompt, chosen: str, rejected: str, rationale: str,
+              fmt: str) -> dict[str, Any]:
+    """One preference row in TRL's standard (``string``) or conversational (``messages``)
+    form."""
+    if fmt == "string":
+        return {"prompt": render_conversation(prompt), "chosen": chosen, "rejected": rejected,
+                "rationale": rationale}
+    if fmt == "messages":
+        return {"prompt": as_messages(prompt),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "rationale": rationale}
+    raise ValueError(f"unknown format {fmt!r} (choose from {FORMATS})")
+
+
+def build(
+    records: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = FORMATS,
+    prompt_field: str = "prompt",
+    chosen_field: str = "revision",
+    rejected_field: str = "original",
+    rationale_field: str = "rationale",
+    keep_identical: bool = False,
+    hf: bool = True,
+) -> StepStats:
+    """Write the preference dataset: ``chosen`` = revision, ``rejected`` = original.
+
+    Outputs, per form: ``pairs.jsonl`` + ``dataset/`` (plain strings) and
+    ``pairs.messages.jsonl`` + ``dataset.messages/`` (chat messages). A pair whose revision
+    equals the original carries no contrast; it is left out (listed in
+    ``build.skipped.jsonl``) unless ``keep_identical``. Multi-turn prompts are flattened to a
+    ``Role: content`` transcript in the plain-string form; train on the messages form then.
+    """
+    for f in formats:
+        if f not in FORMATS:
+            raise ClairInputError(f"--format: unknown form {f!r} (choose from {FORMATS})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = StepStats("build", total=len(records))
+    rows: dict[str, list[dict[str, Any]]] = {f: [] for f in formats}
+    skipped = []
+    multi_turn = 0
+    for i, r in enumerate(records):
+        prompt = validate_prompt(get_field(r, prompt_field, i, "--prompt-field"),
+                                 f"record {i} field {prompt_field!r}")
+        chosen = response_text(get_field(r, chosen_field, i, "--chosen-field"))
+        rejected = response_text(get_field(r, rejected_field, i, "--rejected-field"))
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise ClairInputError(f"record {i}: {chosen_field!r} and {rejected_field!r} must "
+                                  "be answer texts")
+        rationale = r.get(rationale_field) or ""
+        if chosen.strip() == rejected.strip() and not keep_identical:
+            stats.skipped += 1
+            skipped.append({"index": i, "prompt": prompt, "response": rejected,
+                            "reason": "revision identical to the original"})
+            continue
+        if isinstance(prompt, list) and not (len(prompt) == 1 and prompt[0]["role"] == "user"):
+            multi_turn += 1
+        for f in formats:
+            rows[f].append(pair_rows(prompt, chosen, rejected, rationale, f))
+        stats.ok += 1
+    names = {"string": ("pairs.jsonl", "dataset"),
+             "messages": ("pairs.messages.jsonl", "dataset.messages")}
+    for f in formats:
+        jl, ds = names[f]
+        write_jsonl(out / jl, rows[f])
+        stats.outputs[f"{f}_jsonl"] = str(out / jl)
+        if hf:
+            write_hf_dataset(out / ds, rows[f])
+            stats.outputs[f"{f}_dataset"] = str(out / ds)
+    write_jsonl(out / "build.skipped.jsonl", skipped)
+    stats.outputs["skipped"] = str(out / "build.skipped.jsonl")
+    if multi_turn and "string" in formats:
+        stats.outputs["note"] = (f"{multi_turn} multi-turn prompt(s) were flattened to text in "
+                                 "the plain-string form; prefer the messages form for them")
+    _write_summary(out, stats)
+    return stats

@@ -1,0 +1,292 @@
+"""Backward of the fused linear log-probs: recompute each logit tile, never store one.
+
+Gradient of the per-token outputs with respect to the transformed logits z (p = softmax(z),
+g = dL/dlogp_t, e = dL/dH_t, E[z] = lse - H):
+
+    d logp / dz_v = [v = y] - p_v
+    d H    / dz_v = p_v (E[z] - z_v)          (H = lse - sum_v p_v z_v)
+    =>  dz_v = g [v = y] - p_v (g + e (z_v - E[z]))
+
+then through the transform, ``dacc_v = dz_v * jac_v`` (see ``common.transform_logits``), and
+``dH = dacc @ W``, ``dW = dacc.T @ h``, ``dbias = sum_t dacc``, accumulated in fp32.
+
+Two schedules:
+- atomic (default): one program per (token block, vocab block) tile, fp32 atomic adds into dH
+  and dW. The label term ``g [v = y]`` is left out of the tiles and added by the caller as a
+  sparse update (``dH_t += g_t jac_ty W[y_t]``, ``dW[y_t] += g_t jac_ty h_t``), so a tile only
+  carries ``-p (...)`` and is skipped (no gradient GEMMs, no atomics) when every entry is below
+  ``filter_eps`` times the token's gradient scale ``(|g| + |e|) * scale / T``.
+  Atomic fp32 adds make the result order-dependent in its last bits.
+- deterministic: a dH kernel (one program per token block, looping over the vocabulary) and a
+  dW kernel (one program per vocab block, looping over tokens); each owns its output rows, so
+  no atomics, bit-identical results run to run. The logits are recomputed twice (8NDV FLOPs
+  instead of 6NDV) and the label term stays inside the tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_dtype, input_precision, transform_logits
+from .configs import backward_config
+from .logit_tile import raw_logit_tile
+
+
+@triton.jit
+def _logit_grad_tile(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+    rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    LABEL_IN_TILE: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Returns ``(dacc, keep)``: the fp32 gradient of the raw logit tile (zero outside the
+    valid rows/columns) and whether any entry is large enough to be worth the GEMMs."""
+    acc = raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
+                         stride_hn, stride_hd, stride_wv, stride_wd,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
+    z, jac = transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+    lse = tl.load(lse_ptr + rows, mask=n_valid, other=0.0)
+    g = tl.load(g_ptr + rows, mask=n_valid, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    if WITH_ENTROPY:
+        ez = tl.load(ez_ptr + rows, mask=n_valid, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=n_valid, other=0.0)
+        dz = -p * (g[:, None] + ge[:, None] * (z - ez[:, None]))
+        grad_scale = tl.abs(g) + tl.abs(ge)
+    else:
+        dz = -p * g[:, None]
+        grad_scale = tl.abs(g)
+    if LABEL_IN_TILE:
+        y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
+        dz += tl.where(v.to(tl.int64)[None, :] == y[:, None], g[:, None], 0.0)
+    dacc = tl.where(n_valid[:, None] & v_valid[None, :], dz * jac, 0.0)
+    keep = True
+    if FILTER:
+        threshold = filter_eps * grad_scale * (scale * inv_temp)
+        # `<=` so that NaN counts as large: a NaN gradient is never filtered away.
+        small = tl.abs(dacc) <= threshold[:, None]
+        keep = tl.max(tl.where(small, 0, 1)) > 0
+    return dacc, keep
+
+
+@triton.jit
+def _backward_atomic_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Grouped launch order: GROUP_N token blocks sweep the vocabulary together, so each W tile
+    # is read from HBM once per group and the group's hidden rows stay in L2.
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(M, BLOCK_N)
+    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v_blocks
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < M
+    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
+    v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_valid = v < V
+    dacc, keep = _logit_grad_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+        rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        scale, softcap, inv_temp, filter_eps,
+        HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, False, FILTER,
+        BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+    if keep:
+        if COMPUTE_DB:
+            tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid)
+        dacc_op = dacc.to(DOT_DTYPE)
+        v64 = v.to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_valid = d < D
+            if COMPUTE_DH:
+                w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
+                            mask=v_valid[:, None] & d_valid[None, :], other=0.0)
+                dh = tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
+                              mask=n_valid[:, None] & d_valid[None, :])
+            if COMPUTE_DW:
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
+                            mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                dw = tl.dot(tl.trans(dacc_op), h.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                tl.atomic_add(dw_ptr + v64[:, None] * D + d[None, :], dw,
+                              mask=v_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _backward_dh_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, dh_ptr,
+    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Deterministic dH: this program owns its token rows and sweeps the whole vocabulary."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < M
+    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        v_valid = v < V
+        dacc, keep = _logit_grad_tile(
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            scale, softcap, inv_temp, filter_eps,
+            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+        if keep:
+            dacc_op = dacc.to(DOT_DTYPE)
+            v64 = v.to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_valid = d < D
+                w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
+                            mask=v_valid[:, None] & d_valid[None, :], other=0.0)
+                ptrs = dh_ptr + rows[:, None] * D + d[None, :]
+                mask = n_valid[:, None] & d_valid[None, :]
+                cur = tl.load(ptrs, mask=mask, other=0.0)
+                tl.store(ptrs, cur + tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION),
+                         mask=mask)
+
+
+@triton.jit
+def _backward_dw_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, dw_ptr, db_ptr,
+    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Deterministic dW and dbias: this program owns its vocab rows and sweeps all tokens."""
+    v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_valid = v < V
+    v64 = v.to(tl.int64)
+    db = tl.zeros((BLOCK_V,), tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = n < M
+        rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
+        dacc, keep = _logit_grad_tile(
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            scale, softcap, inv_temp, filter_eps,
+            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+        if keep:
+            if COMPUTE_DB:
+                db += tl.sum(dacc, 0)
+            if COMPUTE_DW:
+                dacc_op = tl.trans(dacc.to(DOT_DTYPE))
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    d_valid = d < D
+                    h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
+                                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                    ptrs = dw_ptr + v64[:, None] * D + d[None, :]
+                    mask = v_valid[:, None] & d_valid[None, :]
+                    cur = tl.load(ptrs, mask=mask, other=0.0)
+                    tl.store(ptrs, cur + tl.dot(dacc_op, h.to(DOT_DTYPE), input_precision=INPUT_PRECISION),
+                             mask=mask)
+    if COMPUTE_DB:
+        tl.store(db_ptr + v, db, mask=v_valid)
+
+
+def triton_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    expected_logit: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    filter_eps: float | None,
+    deterministic: bool,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
+) -> None:
+    """Accumulate the tile (non-label) part of the gradients into fp32 buffers.
+
+    Args:
+        hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` | None, labels ``[N]``, rows ``[M]``:
+            as in the forward.
+        lse, grad_logp: fp32 ``[N]``, read at ``rows``.
+        expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] and dL/dH, or None without entropy.
+        grad_hidden ``[N, D]``, grad_weight ``[V, D]``, grad_bias ``[V]``: zero-initialised
+            contiguous fp32 buffers, or None when that gradient is not needed.
+
+    Atomic mode leaves the label term to the caller (``label_term_is_sparse`` is True);
+    deterministic mode includes it.
+    """
+    num_rows = rows.numel()
+    V, D = weight.shape
+    cfg = backward_config(hidden.dtype)
+    with_entropy = grad_entropy is not None
+    dummy = lse
+    common = dict(
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
+        FILTER=filter_eps is not None,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    inputs = (
+        hidden, weight, bias if bias is not None else dummy, rows, labels, lse,
+        expected_logit if with_entropy else dummy, grad_logp,
+        grad_entropy if with_entropy else dummy,
+    )
+    sizes = (num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+             float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
+             float(filter_eps or 0.0))
+    n_blocks, v_blocks = triton.cdiv(num_rows, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    if not deterministic:
+        _backward_atomic_kernel[(n_blocks * v_blocks,)](
+            *inputs,
+            grad_hidden if grad_hidden is not None else dummy,
+            grad_weight if grad_weight is not None else dummy,
+            grad_bias if grad_bias is not None else dummy,
+            *sizes,
+            COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
+            COMPUTE_DB=grad_bias is not None, GROUP_N=cfg.group_n, **common,
+        )
+        return
+    if grad_hidden is not None:
+        _backward_dh_kernel[(n_blocks,)](*inputs, grad_hidden, *sizes, **common)
+    if grad_weight is not None or grad_bias is not None:
+        _backward_dw_kernel[(v_blocks,)](
+            *inputs,
+            grad_weight if grad_weight is not None else dummy,
+            grad_bias if grad_bias is not None else dummy,
+            *sizes,
+            COMPUTE_DW=grad_weight is not None, COMPUTE_DB=grad_bias is not None, **common,
+        )

@@ -1,0 +1,206 @@
+"""Forward of the fused linear log-probs: logits tiles never leave the chip.
+
+For a token t with transformed logits z_v (see ``common.transform_logits``) and label y:
+
+    logp_t   = z_y - lse,                 lse = m + log s1,  s1 = sum_v exp(z_v - m)
+    H_t      = lse - E_p[z] = log s1 - u / s1,               u  = sum_v exp(z_v - m) (z_v - m)
+    log sum_v p_v^2 = log s2 - 2 log s1,                     s2 = sum_v exp(2 (z_v - m))
+    mean_t   = (sum_v z_v) / V
+    is_top1  = z_y >= max_v z_v  and  max_{v<y} z_v < z_y     (first arg-max on ties)
+
+Online update when a tile raises the running max from m to m' (alpha = exp(m - m')):
+
+    s1' = alpha s1 + sum_tile exp(z - m')
+    s2' = alpha^2 s2 + sum_tile exp(2 (z - m'))
+    u'  = alpha (u + (m - m') s1) + sum_tile exp(z - m') (z - m')
+
+(u is kept relative to the running max, so H never forms lse - E[z] from two large numbers.)
+Each (token block, vocabulary split) program writes these partials; ``_merge_kernel`` combines
+the splits with the same rule (alpha_s = exp(m_s - M)) and writes the per-token outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_dtype, input_precision, transform_logits
+from .configs import forward_config, vocab_splits
+from .logit_tile import raw_logit_tile
+
+# Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
+_M, _S1, _ZY, _U, _S2, _SUMZ, _MAXBEFORE = range(7)
+NUM_PARTIALS = 7
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, part_ptr,
+    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd, tiles_per_split, part_stride,
+    scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < M
+    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
+    y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
+
+    neg_inf = float("-inf")
+    m = tl.full((BLOCK_N,), neg_inf, tl.float32)
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    s2 = tl.zeros((BLOCK_N,), tl.float32)
+    sumz = tl.zeros((BLOCK_N,), tl.float32)
+    maxbefore = tl.full((BLOCK_N,), neg_inf, tl.float32)
+
+    v_start = split * tiles_per_split * BLOCK_V
+    v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        v_valid = v < V
+        acc = raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
+                             stride_hn, stride_hd, stride_wv, stride_wd,
+                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
+        z, _ = transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        z = tl.where(v_valid[None, :], z, neg_inf)
+
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])  # 0 at masked entries
+        if WITH_ENTROPY:
+            # s1 == 0 only before the first tile, where m = -inf and (m - m_new) * 0 is NaN.
+            shift = tl.where(s1 > 0, (m - m_new) * s1, 0.0)
+            pz = tl.where(v_valid[None, :], p * (z - m_new[:, None]), 0.0)
+            u = alpha * (u + shift) + tl.sum(pz, 1)
+        if WITH_STATS:
+            s2 = s2 * alpha * alpha + tl.sum(p * p, 1)
+            sumz += tl.sum(tl.where(v_valid[None, :], z, 0.0), 1)
+            before = v.to(tl.int64)[None, :] < y[:, None]
+            maxbefore = tl.maximum(maxbefore, tl.max(tl.where(before, z, neg_inf), 1))
+        s1 = s1 * alpha + tl.sum(p, 1)
+        zy += tl.sum(tl.where(v.to(tl.int64)[None, :] == y[:, None], z, 0.0), 1)
+        m = m_new
+
+    # Offsets stay in int32: the launcher checks NUM_PARTIALS * splits * M < 2**31.
+    base = part_ptr + split * M + n
+    stride = part_stride
+    tl.store(base + 0 * stride, m, mask=n_valid)
+    tl.store(base + 1 * stride, s1, mask=n_valid)
+    tl.store(base + 2 * stride, zy, mask=n_valid)
+    if WITH_ENTROPY:
+        tl.store(base + 3 * stride, u, mask=n_valid)
+    if WITH_STATS:
+        tl.store(base + 4 * stride, s2, mask=n_valid)
+        tl.store(base + 5 * stride, sumz, mask=n_valid)
+        tl.store(base + 6 * stride, maxbefore, mask=n_valid)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, rows_ptr, logp_ptr, lse_ptr, ent_ptr, mean_ptr, top1_ptr, lsp2_ptr,
+    M, num_splits, part_stride, inv_v,
+    WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_valid = n < M
+    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
+    stride = part_stride
+
+    big_m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        big_m = tl.maximum(big_m, tl.load(part_ptr + s * M + n, mask=n_valid, other=0.0))
+    s1 = tl.zeros((BLOCK,), tl.float32)
+    zy = tl.zeros((BLOCK,), tl.float32)
+    u = tl.zeros((BLOCK,), tl.float32)
+    s2 = tl.zeros((BLOCK,), tl.float32)
+    sumz = tl.zeros((BLOCK,), tl.float32)
+    maxbefore = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        base = part_ptr + s * M + n
+        m_s = tl.load(base, mask=n_valid, other=0.0)
+        s1_s = tl.load(base + 1 * stride, mask=n_valid, other=0.0)
+        a = tl.exp(m_s - big_m)
+        s1 += a * s1_s
+        zy += tl.load(base + 2 * stride, mask=n_valid, other=0.0)
+        if WITH_ENTROPY:
+            u += a * (tl.load(base + 3 * stride, mask=n_valid, other=0.0) + (m_s - big_m) * s1_s)
+        if WITH_STATS:
+            s2 += a * a * tl.load(base + 4 * stride, mask=n_valid, other=0.0)
+            sumz += tl.load(base + 5 * stride, mask=n_valid, other=0.0)
+            maxbefore = tl.maximum(maxbefore, tl.load(base + 6 * stride, mask=n_valid, other=0.0))
+
+    log_s1 = tl.log(s1)
+    lse = big_m + log_s1
+    tl.store(logp_ptr + rows, zy - lse, mask=n_valid)
+    tl.store(lse_ptr + rows, lse, mask=n_valid)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + rows, log_s1 - u / s1, mask=n_valid)
+    if WITH_STATS:
+        tl.store(mean_ptr + rows, sumz * inv_v, mask=n_valid)
+        top1 = (zy >= big_m) & (maxbefore < zy)
+        tl.store(top1_ptr + rows, top1.to(tl.int8), mask=n_valid)
+        tl.store(lsp2_ptr + rows, tl.log(s2) - 2.0 * log_s1, mask=n_valid)
+
+
+def triton_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    with_entropy: bool,
+    with_stats: bool,
+    outputs: dict[str, torch.Tensor],
+) -> None:
+    """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
+
+    Args:
+        hidden: ``[N, D]`` fp32/fp16/bf16, any strides.
+        weight: ``[V, D]`` same dtype, any strides.  bias: ``[V]`` or None.
+        labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
+        rows: ``[M]`` int64, the kept token indices (M >= 1).
+        outputs: fp32 ``[N]`` tensors ``logp``, ``lse`` and, when asked, ``entropy``,
+            ``mean_logit``, ``log_sum_p2``; int8 ``[N]`` ``is_top1``.
+    """
+    num_rows = rows.numel()
+    V, D = weight.shape
+    cfg = forward_config(hidden.dtype)
+    token_blocks = triton.cdiv(num_rows, cfg.block_n)
+    splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
+    if NUM_PARTIALS * splits * num_rows >= 2**31:
+        raise ValueError(f"too many tokens for one launch ({num_rows}); split the batch")
+    partials = torch.empty((NUM_PARTIALS, splits, num_rows), device=hidden.device, dtype=torch.float32)
+    _forward_kernel[(token_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden, rows, labels, partials,
+        num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        tiles_per_split, splits * num_rows,
+        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    merge_block = 128
+    dummy = outputs["logp"]
+    _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
+        partials, rows, outputs["logp"], outputs["lse"],
+        outputs.get("entropy", dummy), outputs.get("mean_logit", dummy),
+        outputs.get("is_top1", dummy), outputs.get("log_sum_p2", dummy),
+        num_rows, splits, splits * num_rows, 1.0 / V,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=merge_block,
+    )

@@ -1,0 +1,310 @@
+"""``linear_logprobs``: per-token log-probs of labels under an LM head, never holding [N, V].
+
+Two custom ops (``apo_kernels::linear_logprobs_fwd`` / ``_bwd``) carry the work, so
+``torch.compile`` treats the whole thing as one opaque node instead of breaking the graph on
+the data-dependent compaction of ignored tokens; autograd is registered on the forward op.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, overload, Literal
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .checks import check_label_values, check_linear_inputs, check_options, check_transform
+
+
+class LinearLogprobsOutput(NamedTuple):
+    """Per-token results, each shaped like ``labels`` and 0 (False) at ignored positions.
+
+    logprobs: fp32, ``log softmax(z)[label]``, differentiable.
+    entropy: fp32, ``-sum_v p_v log p_v``, differentiable (None unless ``return_entropy``).
+    mean_logit: fp32, mean over the vocabulary of the transformed logits z (None unless
+        ``return_stats``); not differentiable.
+    is_top1: bool, label is the first arg-max of z (None unless ``return_stats``).
+    log_sum_p2: fp32, ``log sum_v p_v^2`` (None unless ``return_stats``); not differentiable.
+    """
+
+    logprobs: Tensor
+    entropy: Optional[Tensor]
+    mean_logit: Optional[Tensor]
+    is_top1: Optional[Tensor]
+    log_sum_p2: Optional[Tensor]
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
+        from ..kernels.common import interpreter_active
+
+        if device.type != "cuda" and not interpreter_active():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only "
+                "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    return backend
+
+
+def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    return (labels != ignore_index).nonzero().squeeze(1)
+
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("apo_kernels::linear_logprobs_fwd", mutates_args=())
+def _forward_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+    ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float,
+    with_entropy: bool, with_stats: bool, backend: str,
+    filter_eps: Optional[float], deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden ``[N, D]``, labels ``[N]`` -> fp32 ``[N]`` logp, lse, entropy, mean_logit,
+    is_top1 (bool), log_sum_p2; the optional ones are empty ``[0]`` when not asked for.
+    ``filter_eps``/``deterministic`` are unused here and carried for the backward."""
+    n = labels.shape[0]
+    vocab = weight.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    outputs = {"logp": torch.zeros(n, **f32), "lse": torch.zeros(n, **f32)}
+    if with_entropy:
+        outputs["entropy"] = torch.zeros(n, **f32)
+    if with_stats:
+        outputs["mean_logit"] = torch.zeros(n, **f32)
+        outputs["is_top1"] = torch.zeros(n, device=hidden.device, dtype=torch.int8)
+        outputs["log_sum_p2"] = torch.zeros(n, **f32)
+    rows = _kept_rows(labels, ignore_index)
+    check_label_values(labels, rows, vocab)
+    if rows.numel() > 0:
+        kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+                      with_entropy=with_entropy, with_stats=with_stats, outputs=outputs)
+        if backend == "triton":
+            from ..kernels.linear_logprobs_fwd import triton_forward
+
+            triton_forward(hidden, weight, bias, labels, rows, **kwargs)
+        else:
+            reference.torch_forward(hidden, weight, bias, labels, rows, **kwargs)
+    def present(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        # Custom ops may not return aliased outputs: a fresh empty tensor for each absent one.
+        if name in outputs:
+            return outputs[name].to(dtype)
+        return torch.empty(_EMPTY, device=hidden.device, dtype=dtype)
+
+    return (outputs["logp"], outputs["lse"], present("entropy"), present("mean_logit"),
+            present("is_top1", torch.bool), present("log_sum_p2"))
+
+
+@_forward_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
+      with_entropy, with_stats, backend, filter_eps, deterministic):
+    n = labels.shape[0]
+
+    def sized(present: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+        return hidden.new_empty((n,) if present else _EMPTY, dtype=dtype)
+
+    return (sized(True), sized(True), sized(with_entropy), sized(with_stats),
+            sized(with_stats, torch.bool), sized(with_stats))
+
+
+@torch.library.custom_op("apo_kernels::linear_logprobs_bwd", mutates_args=())
+def _backward_op(
+    grad_logp: Tensor, grad_entropy: Optional[Tensor],
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+    lse: Tensor, entropy: Optional[Tensor],
+    ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float,
+    backend: str, filter_eps: Optional[float], deterministic: bool,
+    needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` in the input dtypes
+    (empty ``[0]`` where not needed), accumulated in fp32."""
+    rows = _kept_rows(labels, ignore_index)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.zeros(hidden.shape, **f32) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, **f32) if needs_weight else None
+    grad_bias = torch.zeros(weight.shape[0], **f32) if needs_bias else None
+    if rows.numel() > 0:
+        grad_logp = grad_logp.float().contiguous()
+        expected_logit = None
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.float().contiguous()
+            expected_logit = lse - entropy  # E_p[z] = lse - H
+        args = (hidden, weight, bias, labels, rows, lse, grad_logp, expected_logit, grad_entropy)
+        kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+                      grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
+        if backend == "triton":
+            from ..kernels.linear_logprobs_bwd import triton_backward
+
+            triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
+            if not deterministic:
+                _add_label_term(*args[:7], logit_scale=logit_scale, softcap=softcap,
+                                temperature=temperature, grad_hidden=grad_hidden,
+                                grad_weight=grad_weight, grad_bias=grad_bias)
+        else:
+            reference.torch_backward(*args, **kwargs)
+
+    def cast(t: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
+        return t.to(like.dtype) if t is not None else hidden.new_empty(_EMPTY)
+
+    return cast(grad_hidden, hidden), cast(grad_weight, weight), cast(grad_bias, bias)
+
+
+@_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
+      logit_scale, softcap, temperature, backend, filter_eps, deterministic,
+      needs_hidden, needs_weight, needs_bias):
+    return (hidden.new_empty(hidden.shape if needs_hidden else _EMPTY),
+            weight.new_empty(weight.shape if needs_weight else _EMPTY),
+            (bias if bias is not None else weight).new_empty((weight.shape[0],) if needs_bias else _EMPTY))
+
+
+def _add_label_term(hidden, weight, bias, labels, rows, lse, grad_logp, *, logit_scale, softcap,
+                    temperature, grad_hidden, grad_weight, grad_bias) -> None:
+    """The sparse part of the gradient the atomic kernel leaves out: for each kept token t,
+    ``c_t = g_t * jac(z_{t,y_t})``, ``dH_t += c_t W[y_t]``, ``dW[y_t] += c_t h_t``,
+    ``db[y_t] += c_t``. Only the label's logit is recomputed (a dot product per token)."""
+    y = labels[rows]
+    h = hidden[rows].float()
+    w_y = weight[y].float()
+    coef = grad_logp[rows] * (logit_scale / temperature)
+    if softcap is not None:
+        raw = (h * w_y).sum(-1)
+        if bias is not None:
+            raw = raw + bias[y].float()
+        th = torch.tanh(raw * (logit_scale / softcap))
+        coef = coef * (1.0 - th * th)
+    if grad_hidden is not None:
+        grad_hidden[rows] += coef[:, None] * w_y
+    if grad_weight is not None:
+        grad_weight.index_add_(0, y, coef[:, None] * h)
+    if grad_bias is not None:
+        grad_bias.index_add_(0, y, coef)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
+     with_entropy, _with_stats, backend, filter_eps, deterministic) = inputs
+    logp, lse, entropy, mean_logit, is_top1, log_sum_p2 = output
+    ctx.mark_non_differentiable(lse, mean_logit, is_top1, log_sum_p2)
+    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy if with_entropy else None)
+    ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, filter_eps,
+                   deterministic)
+    ctx.with_entropy = with_entropy
+
+
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_non_differentiable):
+    hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
+    needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
+    if not (needs_hidden or needs_weight or needs_bias):
+        return (None,) * 13
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    grad_hidden, grad_weight, grad_bias = torch.ops.apo_kernels.linear_logprobs_bwd(
+        grad_logp, grad_entropy, hidden, weight, labels, bias, lse,
+        entropy if grad_entropy is not None else None, *ctx.options,
+        needs_hidden, needs_weight, bool(needs_bias))
+    return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
+            grad_bias if needs_bias else None) + (None,) * 9
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@overload
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = ...,
+                    *, return_entropy: Literal[False] = ..., return_stats: Literal[False] = ...,
+                    **kwargs) -> Tensor: ...
+@overload
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = ...,
+                    *, return_entropy: bool = ..., return_stats: bool = ...,
+                    **kwargs) -> Tensor | LinearLogprobsOutput: ...
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+    filter_eps: float | str | None = "auto",
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor | LinearLogprobsOutput:
+    """Per-token ``log softmax(T(hidden @ weight.T + bias))[labels]`` without ``[N, V]`` logits.
+
+    ``T(x) = softcap * tanh(logit_scale * x / softcap) / temperature`` (without softcap:
+    ``logit_scale * x / temperature``), which covers Gemma's final softcapping, Cohere/Granite
+    logit scales and sampling temperature.
+
+    Args:
+        hidden: ``[..., D]`` float32/float16/bfloat16 hidden states (any strides).
+        weight: ``[V, D]`` LM head (output embedding), same dtype as ``hidden``.
+        labels: ``[...]`` integer token ids (``hidden.shape[:-1]``), in ``[0, V)`` or
+            ``ignore_index``. Ignored positions cost no compute, return 0 and get zero gradient.
+        bias: optional ``[V]`` LM head bias (any float dtype; used in fp32).
+        return_entropy: also return the (differentiable) entropy of each token's distribution.
+        return_stats: also return mean logit, ``is_top1`` and ``log sum p^2`` (no gradient).
+        filter_eps: backward gradient filter of the Triton backend: a vocabulary tile is
+            skipped when every entry of its logit gradient is at most ``filter_eps`` times the
+            token's gradient scale. ``"auto"``: 2^-12 for bf16, 2^-15 for fp16, exact (None) for
+            fp32. ``None``: exact. The torch backend is always exact.
+        deterministic: bit-reproducible backward without atomics (recomputes the logits twice).
+        backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
+            or ``"auto"``.
+
+    Returns:
+        fp32 log-probs shaped like ``labels`` when no extras are requested, else a
+        ``LinearLogprobsOutput``. Gradients come back in the input dtypes, accumulated in fp32.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, like a matmul.
+    """
+    check_linear_inputs(hidden, weight, labels, bias)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Like a matmul under autocast: both operands in the autocast dtype; the casts are
+        # differentiable, so fp32 master weights get fp32 gradients.
+        cast_to = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+    check_transform(logit_scale, softcap, temperature)
+    check_options(ignore_index, filter_eps, backend)
+    resolved = _resolve_backend(backend, hidden.device)
+    eps = reference.default_filter_eps(hidden.dtype) if filter_eps == "auto" else filter_eps
+
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    logp, _lse, entropy, mean_logit, is_top1, log_sum_p2 = torch.ops.apo_kernels.linear_logprobs_fwd(
+        flat_hidden, weight, flat_labels, bias, int(ignore_index), float(logit_scale),
+        None if softcap is None else float(softcap), float(temperature),
+        bool(return_entropy), bool(return_stats), resolved,
+        None if eps is None else float(eps), bool(deterministic))
+    logp = logp.view(shape)
+    if not (return_entropy or return_stats):
+        return logp
+    return LinearLogprobsOutput(
+        logprobs=logp,
+        entropy=entropy.view(shape) if return_entropy else None,
+        mean_logit=mean_logit.view(shape) if return_stats else None,
+        is_top1=is_top1.view(shape) if return_stats else None,
+        log_sum_p2=log_sum_p2.view(shape) if return_stats else None,
+    )
