@@ -72,7 +72,8 @@ def torch_forward(
         if with_entropy or with_stats:
             p = torch.exp(z - lse[:, None])
         if with_entropy:
-            outputs["entropy"][r] = lse - (p * z).sum(-1)
+            # -sum p (z - lse), not lse - sum p z: the latter cancels when H is small.
+            outputs["entropy"][r] = -(p * (z - lse[:, None])).sum(-1)
         if with_stats:
             outputs["mean_logit"][r] = z.mean(-1)
             # First arg-max on ties, as torch.argmax and the kernel define it.

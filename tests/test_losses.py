@@ -28,7 +28,8 @@ from apo_kernels.losses import (
 
 
 def _sig(x):
-    return 1.0 / (1.0 + torch.exp(-x))
+    # torch.sigmoid rather than 1/(1+exp(-x)): same value, but a gradient that is not inf/inf.
+    return torch.sigmoid(x)
 
 
 def _logsig(x):
@@ -120,7 +121,8 @@ def _loss_and_grads(fn, pc, pr, rc, rr):
     # A random cotangent so every per-pair gradient is checked, not only their sum.
     cot = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out.dtype)
     (out * cot).sum().backward()
-    return out.detach(), [t.grad for t in leaves]
+    # An input a loss does not use (the reference log-probs in `sft`) gets a zero gradient.
+    return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
 
 
 ALL_PAIRED = [t for t in LOSS_TYPES]
@@ -437,6 +439,9 @@ def _compare_with_trl(trainer_cls, gen, extreme=False, **cfg):
     torch.testing.assert_close(ours, trl_loss, rtol=2e-5 if not extreme else 1e-4, atol=1e-5 * scale)
     if trl_grad is None:
         trl_grad = torch.zeros_like(tok)
+    # TRL sums every position of `log_probs` (its head writes 0 and passes no gradient at
+    # non-completion positions); compare where gradients really flow.
+    trl_grad = trl_grad * mask[:, 1:]
     gscale = max(1e-3, float(trl_grad.abs().max()))
     torch.testing.assert_close(our_grad, trl_grad, rtol=1e-3, atol=2e-5 * gscale)
     for k, v in our_metrics.items():

@@ -204,7 +204,14 @@ def write_hf_dataset(path: str | os.PathLike[str], records: Sequence[dict[str, A
     tmp = p.with_name(f".{p.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    ds.save_to_disk(str(tmp))
+    # One line of summary is enough; datasets' per-shard bars would clutter the step output.
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(tmp))
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
     if p.exists():
         shutil.rmtree(p)
     os.replace(tmp, p)

@@ -92,6 +92,13 @@ def _with_occurrence(contents: list[dict[str, Any]]) -> list[int]:
     return occ
 
 
+def _row_index(record: dict[str, Any], i: int) -> int:
+    """The item's row in the original input: carried through the steps in ``index``, so a
+    failure of any step points at the prompt the user wrote."""
+    v = record.get("index")
+    return v if isinstance(v, int) and not isinstance(v, bool) else i
+
+
 def _needs_run(rec: dict[str, Any] | None, retry_failed: bool, usable: bool) -> bool:
     if rec is None:
         return True
@@ -242,6 +249,7 @@ def revise(
     stats = StepStats("revise", total=len(records))
     prompts: list[Prompt] = []
     answers: list[str] = []
+    rows = [_row_index(r, i) for i, r in enumerate(records)]
     for i, r in enumerate(records):
         prompts.append(validate_prompt(get_field(r, prompt_field, i, "--prompt-field"),
                                        f"record {i} field {prompt_field!r}"))
@@ -273,7 +281,7 @@ def revise(
                 if k not in extra:
                     msg = template.render(render_conversation(prompts[i]), answers[i])
                     jobs.append(Job(k, [{"role": "user", "content": msg}]))
-                    extra[k] = {"index": i}
+                    extra[k] = {"index": rows[i]}
             else:
                 stats.cached += 1
         stats.usage = _run_jobs(backend, jobs, store, "revise", extra, progress)
@@ -281,7 +289,7 @@ def revise(
         for i, k in enumerate(keys):
             rec = store.get(k)
             pr = parsed(rec)
-            base = {"index": i, "key": k, "prompt": prompts[i], "original": answers[i]}
+            base = {"index": rows[i], "key": k, "prompt": prompts[i], "original": answers[i]}
             if pr is not None and pr.ok:
                 stats.ok += 1
                 out_rows.append({**base, "revision": pr.revision, "rationale": pr.rationale,
@@ -368,7 +376,7 @@ def build(
         rationale = r.get(rationale_field) or ""
         if chosen.strip() == rejected.strip() and not keep_identical:
             stats.skipped += 1
-            skipped.append({"index": i, "prompt": prompt, "response": rejected,
+            skipped.append({"index": _row_index(r, i), "prompt": prompt, "response": rejected,
                             "reason": "revision identical to the original"})
             continue
         if isinstance(prompt, list) and not (len(prompt) == 1 and prompt[0]["role"] == "user"):
