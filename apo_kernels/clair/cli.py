@@ -186,11 +186,12 @@ def _print_stats(stats: Any) -> None:
     tokens = (f", tokens this run: {u.get('prompt_tokens', 0)} prompt + "
               f"{u.get('completion_tokens', 0)} completion, {u.get('retries', 0)} retries"
               if stats.ran else "")
-    c.print(f"[bold]{stats.step}[/bold]: {stats.total} items, {stats.ok} ok, "
+    c.print(f"{stats.step}: {stats.total} items, {stats.ok} ok, "
             f"{stats.failed} failed, {stats.cached} already done, {stats.ran} run"
-            + (f", {stats.skipped} skipped" if stats.skipped else "") + tokens)
-    for name, path in stats.outputs.items():
-        c.print(f"  {name}: {path}")
+            + (f", {stats.skipped} skipped" if stats.skipped else "") + tokens,
+            style="bold", markup=False, highlight=False)
+    for name, path in stats.outputs.items():  # paths may hold [brackets]: no markup
+        c.print(f"  {name}: {path}", markup=False, highlight=False)
 
 
 def _formats(args: argparse.Namespace) -> tuple[str, ...]:

@@ -16,7 +16,10 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
@@ -174,7 +177,7 @@ class ChatClient:
         self._sem: asyncio.Semaphore | None = None
         self._http: Any = None
 
-    async def __aenter__(self) -> ChatClient:
+    async def __aenter__(self) -> Self:
         import httpx
 
         headers = {"Content-Type": "application/json"}

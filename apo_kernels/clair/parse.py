@@ -78,8 +78,21 @@ def _rationale_from(text: str) -> str:
     return text.strip()
 
 
+def _meta_reference(revision: str, context: str) -> str | None:
+    """The first self-referring phrase in ``revision`` that the task or the original answer
+    does not itself use (a question about students may well talk about "the student")."""
+    ctx = context.lower()
+    for m in _META.finditer(revision):
+        phrase = m.group(0).lower()
+        if phrase in ctx or ("student" in phrase and "student" in ctx):
+            continue
+        return m.group(0)
+    return None
+
+
 def parse_revision(
-    raw: str | None, finish_reason: str | None = None, check_meta: bool = True
+    raw: str | None, finish_reason: str | None = None, check_meta: bool = True,
+    context: str = "",
 ) -> ParseResult:
     """Split a reviser reply into rationale and revision.
 
@@ -88,6 +101,8 @@ def parse_revision(
         finish_reason: the API's ``finish_reason``; ``"length"`` means the reply was cut off,
             which makes an unclosed revision block a failure rather than a complete answer.
         check_meta: refuse revisions that refer to themselves as revisions or to a student.
+        context: the task and the original answer; phrases they use are not held against the
+            revision.
     """
     if raw is None or not raw.strip():
         return ParseResult.fail("empty reply")
@@ -123,7 +138,7 @@ def parse_revision(
     if not revision.strip():
         return ParseResult.fail("empty revised answer")
     if check_meta:
-        m = _META.search(revision)
-        if m:
-            return ParseResult.fail(f"revision refers to itself as a revision: {m.group(0)!r}")
+        phrase = _meta_reference(revision, context)
+        if phrase is not None:
+            return ParseResult.fail(f"revision refers to itself as a revision: {phrase!r}")
     return ParseResult(ok=True, revision=revision, rationale=rationale)

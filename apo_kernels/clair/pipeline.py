@@ -265,10 +265,11 @@ def revise(
     keys = [item_key({"step": "revise", **c, "occurrence": o, "model": ident,
                       "template": template.sha256}) for c, o in zip(contents, occ, strict=True)]
 
-    def parsed(rec: dict[str, Any] | None) -> Any:
+    def parsed(rec: dict[str, Any] | None, i: int) -> Any:
         if not rec or rec.get("error") is not None:
             return None
-        return parse_revision(rec.get("text"), rec.get("finish_reason"), check_meta=check_meta)
+        return parse_revision(rec.get("text"), rec.get("finish_reason"), check_meta=check_meta,
+                              context=render_conversation(prompts[i]) + "\n" + answers[i])
 
     out_rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -276,7 +277,7 @@ def revise(
         jobs, extra = [], {}
         for i, k in enumerate(keys):
             rec = store.get(k)
-            pr = parsed(rec)
+            pr = parsed(rec, i)
             if _needs_run(rec, retry_failed, bool(pr and pr.ok)):
                 if k not in extra:
                     msg = template.render(render_conversation(prompts[i]), answers[i])
@@ -288,7 +289,7 @@ def revise(
         stats.ran = len(jobs)
         for i, k in enumerate(keys):
             rec = store.get(k)
-            pr = parsed(rec)
+            pr = parsed(rec, i)
             base = {"index": rows[i], "key": k, "prompt": prompts[i], "original": answers[i]}
             if pr is not None and pr.ok:
                 stats.ok += 1

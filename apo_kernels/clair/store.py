@@ -13,7 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def item_key(payload: dict[str, Any]) -> str:
@@ -79,7 +82,7 @@ class JsonlStore:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> JsonlStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -66,6 +66,17 @@ def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
 _EMPTY = (0,)
 
 
+def _run_forward(backend, hidden, weight, bias, labels, rows, outputs, **kwargs) -> None:
+    # Autocast must not re-cast inside: the wrapper already chose the compute dtype.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if backend == "triton":
+            from ..kernels.linear_logprobs_fwd import triton_forward
+
+            triton_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
+        else:
+            reference.torch_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
+
+
 @torch.library.custom_op("apo_kernels::linear_logprobs_fwd", mutates_args=())
 def _forward_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
@@ -89,14 +100,10 @@ def _forward_op(
     rows = _kept_rows(labels, ignore_index)
     check_label_values(labels, rows, vocab)
     if rows.numel() > 0:
-        kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
-                      with_entropy=with_entropy, with_stats=with_stats, outputs=outputs)
-        if backend == "triton":
-            from ..kernels.linear_logprobs_fwd import triton_forward
+        _run_forward(backend, hidden, weight, bias, labels, rows, outputs, logit_scale=logit_scale,
+                     softcap=softcap, temperature=temperature, with_entropy=with_entropy,
+                     with_stats=with_stats)
 
-            triton_forward(hidden, weight, bias, labels, rows, **kwargs)
-        else:
-            reference.torch_forward(hidden, weight, bias, labels, rows, **kwargs)
     def present(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         # Custom ops may not return aliased outputs: a fresh empty tensor for each absent one.
         if name in outputs:
@@ -144,16 +151,15 @@ def _backward_op(
         args = (hidden, weight, bias, labels, rows, lse, grad_logp, expected_logit, grad_entropy)
         kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                       grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
-        if backend == "triton":
-            from ..kernels.linear_logprobs_bwd import triton_backward
+        with torch.autocast(hidden.device.type, enabled=False):
+            if backend == "triton":
+                from ..kernels.linear_logprobs_bwd import triton_backward
 
-            triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
-            if not deterministic:
-                _add_label_term(*args[:7], logit_scale=logit_scale, softcap=softcap,
-                                temperature=temperature, grad_hidden=grad_hidden,
-                                grad_weight=grad_weight, grad_bias=grad_bias)
-        else:
-            reference.torch_backward(*args, **kwargs)
+                triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
+                if not deterministic:
+                    _add_label_term(*args[:7], **kwargs)
+            else:
+                reference.torch_backward(*args, **kwargs)
 
     def cast(t: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
         return t.to(like.dtype) if t is not None else hidden.new_empty(_EMPTY)

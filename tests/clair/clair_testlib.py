@@ -14,7 +14,10 @@ import threading
 import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
@@ -56,7 +59,7 @@ class ChatServer:
             def log_message(self, *a: Any) -> None:  # keep test output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's method naming
                 try:
                     server.handle(self)
                 except (BrokenPipeError, ConnectionResetError):
@@ -137,7 +140,7 @@ class ChatServer:
             with self.lock:
                 self.inflight -= 1
 
-    def __enter__(self) -> ChatServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

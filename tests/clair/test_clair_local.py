@@ -8,13 +8,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from apo_kernels.clair.backends import LocalBackend  # noqa: E402
-from apo_kernels.clair.io import read_records  # noqa: E402
-from apo_kernels.clair.local import LocalGenerator  # noqa: E402
-from apo_kernels.clair.pipeline import generate  # noqa: E402
+from apo_kernels.clair.backends import LocalBackend
+from apo_kernels.clair.io import read_records
+from apo_kernels.clair.local import LocalGenerator
+from apo_kernels.clair.pipeline import generate
 
-WORDS = ("what is the sum of two and three four five six seven eight nine a cat dog runs "
-         "fast slow big small red blue green it yes no").split()
+WORDS = ["what", "is", "the", "sum", "of", "two", "and", "three", "four", "five", "six", "seven",
+         "eight", "nine", "a", "cat", "dog", "runs", "fast", "slow", "big", "small", "red",
+         "blue", "green", "it", "yes", "no"]
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>", "<|user|>", "<|system|>", "<|assistant|>"]
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")

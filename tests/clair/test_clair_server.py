@@ -51,11 +51,11 @@ def script_faults(s) -> None:
     s.faults[("teacher", 3)] = ["slow:1.5"]  # past the 0.5 s timeout once
     s.always[("teacher", 4)] = ("content", "I think the answer is fine as it is.", "stop")
     s.faults[("teacher", 6)] = ["badjson"]
-    s.always[("teacher", 7)] = ("content", "<reasoning>\nFix it.\n</reasoning>\n"
-                                "<revised_answer>\nQ7 answer: the tot", "length")
-    s.always[("teacher", 8)] = ("content", "<reasoning>x</reasoning>\n<revised_answer>\nHere "
-                                "is the corrected answer: Q8 answer: the total is 8.\n"
-                                "</revised_answer>", "stop")
+    truncated = "<reasoning>\nFix it.\n</reasoning>\n<revised_answer>\nQ7 answer: the tot"
+    s.always[("teacher", 7)] = ("content", truncated, "length")
+    meta = ("<reasoning>x</reasoning>\n<revised_answer>\nHere is the corrected answer: "
+            "Q8 answer: the total is 8.\n</revised_answer>")
+    s.always[("teacher", 8)] = ("content", meta, "stop")
     s.always[("teacher", 9)] = ("content", teacher_reply(student_answer(9), 9), "stop")
     s.always[("teacher", 12)] = "400"
 

@@ -1,0 +1,404 @@
+"""Fused preference loss: policy hidden states + LM head -> APO / DPO-family loss and TRL metrics.
+
+Data flow (no ``[tokens, vocab]`` tensor anywhere):
+
+    hidden, weight, labels --linear_logprobs--> per-token log-probs (+ entropy, stats)
+    ref_hidden, ref_weight --linear_logprobs under no_grad--> reference per-token log-probs
+        (or precomputed reference sequence log-probs)
+    per-token log-probs --segment sums (sum / mean / LD-DPO weights)--> sequence log-probs
+    sequence log-probs --losses.preference_loss--> per-pair losses -> mean
+
+For ``sigmoid``, ``apo_zero`` and ``apo_down`` (reverse-KL, no WPO weighting) the last two
+steps run as one fused op (:func:`apo_kernels.ops.preference_head.preference_head`: one Triton
+launch forward, one backward on CUDA); every other loss goes through the torch formulas.
+
+Labels are aligned with the hidden states: ``labels[..., t]`` is the token predicted from
+``hidden[..., t, :]`` (for a causal LM pass ``hidden[:, :-1]`` and ``input_ids[:, 1:]`` with
+non-completion positions set to ``ignore_index``, as TRL's fused head does).
+
+Layouts, chosen sequences first then rejected (TRL's order):
+- padded: ``hidden [2B, T, D]``, ``labels [2B, T]``;
+- packed (padding-free): ``hidden [N, D]`` (or ``[1, N, D]``), ``labels [N]`` and sequence
+  bounds ``cu_seqlens [2B + 1]`` or per-token ``seq_ids [N]`` (non-decreasing).
+
+A sequence without any completion token has log-prob 0 (policy and reference), so its pair's
+loss is finite and it contributes no gradient; a batch without any completion token at all is
+an error (there is nothing to train on, and TRL's own mean would be NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .losses import _normalise_loss_types, _validate_params, preference_loss, preference_rewards
+from .ops import LinearLogprobsOutput, linear_logprobs
+from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
+from .sequence import (
+    REDUCTIONS,
+    completion_token_weights,
+    cu_seqlens_from_seq_ids,
+    seq_ids_from_cu_seqlens,
+    wpo_pair_weights,
+)
+
+__all__ = ["PreferenceLossOutput", "FusedLinearPreferenceLoss", "fused_linear_preference_loss"]
+
+
+@dataclass
+class PreferenceLossOutput:
+    """Result of the fused preference loss.
+
+    loss: 0-dim fp32, the batch loss (mean of ``losses``), differentiable.
+    losses: ``[B]`` fp32 per-pair losses, differentiable.
+    chosen_logps, rejected_logps: ``[B]`` fp32 policy sequence log-probs, differentiable.
+    ref_chosen_logps, ref_rejected_logps: ``[B]`` fp32 reference sequence log-probs, no grad.
+    metrics: TRL's names -> 0-dim detached tensors (``.item()`` to log): ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+        ``logps/rejected``, ``logits/chosen``, ``logits/rejected`` (mean logit over the
+        vocabulary, averaged over chosen / rejected completion tokens), ``entropy`` (mean over
+        all completion tokens), ``mean_token_accuracy`` (label is the arg-max, chosen tokens)
+        and ``nll`` (mean NLL per chosen completion token). Empty when metrics are off.
+    """
+
+    loss: Tensor
+    losses: Tensor
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    ref_chosen_logps: Tensor
+    ref_rejected_logps: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the 2B sequences are: padded rows, or packed tokens with int64 ``cu [2B+1]``."""
+
+    packed: bool
+    num_seqs: int
+    cu: Tensor | None = None  # packed only
+    seq_ids: Tensor | None = None  # packed only, [N] int64
+
+
+def _resolve_layout(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor | None, seq_ids: Tensor | None) -> tuple[Tensor, Tensor, _Layout]:
+    if not isinstance(hidden, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("`hidden` and `labels` must be torch.Tensors")
+    packed = cu_seqlens is not None or seq_ids is not None
+    if cu_seqlens is not None and seq_ids is not None:
+        raise ValueError("give at most one of `cu_seqlens` or `seq_ids` (packed batches)")
+    if packed:
+        if hidden.dim() == 3 and hidden.shape[0] == 1:  # TRL's padding-free single row
+            hidden, labels = hidden[0], labels.reshape(labels.shape[-1])
+        if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+            raise ValueError(
+                f"packed `hidden` must be [N, D] (or [1, N, D]) with `labels` [N]; got "
+                f"{tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        n = labels.shape[0]
+        if cu_seqlens is not None:
+            ids = seq_ids_from_cu_seqlens(cu_seqlens.to(labels.device), n)
+            cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+        else:
+            if seq_ids.shape != labels.shape:
+                raise ValueError(f"`seq_ids` must be [N]={n}, got {tuple(seq_ids.shape)}")
+            cu = cu_seqlens_from_seq_ids(seq_ids.to(labels.device))
+            ids = seq_ids.to(device=labels.device, dtype=torch.int64)
+        num_seqs = cu.numel() - 1
+        if num_seqs % 2:
+            raise ValueError(
+                f"a packed batch must hold chosen then rejected sequences (2B); got {num_seqs} sequences: "
+                "the numbers of chosen and rejected completions differ"
+            )
+        return hidden, labels, _Layout(True, num_seqs, cu.contiguous(), ids)
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"padded `hidden` must be [2B, T, D] with `labels` [2B, T]; got {tuple(hidden.shape)} and "
+            f"{tuple(labels.shape)} (packed batches need `cu_seqlens` or `seq_ids`)"
+        )
+    if hidden.shape[0] % 2:
+        raise ValueError(
+            f"`hidden` has {hidden.shape[0]} rows; a padded batch stacks B chosen then B rejected "
+            "sequences (an even number of rows)"
+        )
+    return hidden, labels, _Layout(False, hidden.shape[0])
+
+
+def _segment_sums(x: Tensor, w: Tensor, layout: _Layout) -> Tensor:
+    """``sum_t w_t x_t`` per sequence -> fp32 ``[2B]`` (``where`` so weight-0 tokens never leak)."""
+    contrib = torch.where(w != 0, x.float() * w, x.new_zeros((), dtype=torch.float32))
+    if layout.packed:
+        return contrib.new_zeros(layout.num_seqs).index_add(0, layout.seq_ids, contrib)
+    return contrib.sum(dim=1)
+
+
+def fused_linear_preference_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    seq_ids: Tensor | None = None,
+    loss_type: str | Sequence[str] = "apo_zero",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    reduction: str = "sum",
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    compute_metrics: bool = True,
+    filter_eps: float | str | None = "auto",
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> PreferenceLossOutput:
+    """Preference loss from hidden states, never materialising ``[tokens, vocab]``.
+
+    Args:
+        hidden: policy hidden states, padded ``[2B, T, D]`` or packed ``[N, D]``; fp32/fp16/bf16.
+        weight: LM head ``[V, D]``, same dtype; ``bias``: optional ``[V]``.
+        labels: ``[2B, T]`` / ``[N]`` int token ids aligned with ``hidden``; ``ignore_index`` at
+            prompt and padding positions.
+        ref_hidden: reference hidden states shaped like ``hidden`` (its own D allowed) with
+            ``ref_weight [V, D_ref]`` (default: ``weight``, e.g. a PEFT policy whose frozen base
+            is the reference) and ``ref_bias``; run forward-only under ``no_grad``. Or
+        ref_chosen_logps, ref_rejected_logps: precomputed reference sequence log-probs ``[B]``
+            (computed with the same ``reduction``/``ld_alpha``).
+        cu_seqlens / seq_ids: packed sequence bounds, ``[2B + 1]`` / ``[N]``.
+        loss_type, beta, label_smoothing, loss_weights, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef: as in :func:`apo_kernels.losses.preference_loss`.
+        reduction: ``"sum"`` (TRL) or ``"mean"`` per-sequence reduction of token log-probs.
+        ld_alpha: LD-DPO weight of the tokens past the shared length, ``[0, 1]`` or None.
+        use_weighting: TRL's WPO pair weights (from the policy's ``log sum p^2``).
+        ignore_index, temperature, logit_scale, softcap: as in ``linear_logprobs`` (the
+            reference uses the same transform).
+        compute_metrics: also compute TRL's metrics (entropy and logit statistics ride along
+            in the same pass over the vocabulary).
+        filter_eps, deterministic, backend: passed to ``linear_logprobs``; ``backend`` also
+            picks the loss head's backend.
+
+    Returns:
+        :class:`PreferenceLossOutput`.
+    """
+    types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
+    _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+    hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
+    b = layout.num_seqs // 2
+
+    has_ref_hidden = ref_hidden is not None
+    has_ref_logps = ref_chosen_logps is not None or ref_rejected_logps is not None
+    if has_ref_hidden == has_ref_logps:
+        raise ValueError(
+            "give the reference either as `ref_hidden` (+ `ref_weight`) or as precomputed "
+            "`ref_chosen_logps` and `ref_rejected_logps`, exactly one of the two"
+        )
+    if has_ref_logps:
+        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            if t is None or t.dim() != 1 or t.numel() != b:
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(
+                    f"`{name}` must be [B]=({b},) to match the {2 * b} policy sequences "
+                    f"(chosen/rejected count mismatch); got {got}"
+                )
+    else:
+        if layout.packed and ref_hidden.dim() == 3 and ref_hidden.shape[0] == 1:
+            ref_hidden = ref_hidden[0]
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(
+                f"`ref_hidden` must have the token layout of `hidden` {tuple(hidden.shape[:-1])} + (D,), "
+                f"got {tuple(ref_hidden.shape)}"
+            )
+
+    mask = labels != ignore_index
+    if not bool(mask.any()):
+        raise ValueError(
+            f"`labels` has no completion token (every label is ignore_index={ignore_index}): "
+            "nothing to score"
+        )
+
+    op_kwargs = dict(
+        ignore_index=ignore_index, temperature=temperature*1.0005, logit_scale=logit_scale, softcap=softcap,
+        filter_eps=filter_eps, deterministic=deterministic, backend=backend,
+    )
+    want_stats = compute_metrics or use_weighting
+    out = linear_logprobs(
+        hidden, weight, labels, bias, return_entropy=compute_metrics, return_stats=want_stats, **op_kwargs
+    )
+    tok = out.logprobs if isinstance(out, LinearLogprobsOutput) else out
+    ref_tok = None
+    if has_ref_hidden:
+        with torch.no_grad():
+            rw = weight.detach() if ref_weight is None else ref_weight.detach()
+            ref_tok = linear_logprobs(
+                ref_hidden.detach(), rw, labels, None if ref_bias is None else ref_bias.detach(), **op_kwargs
+            )
+
+    # Per-token weights: completion mask x LD-DPO factor (/ length for "mean").
+    w, lengths = completion_token_weights(
+        mask, layout.seq_ids, num_seqs=layout.num_seqs, reduction=reduction, ld_alpha=ld_alpha
+    )
+    plain = reduction == "sum" and ld_alpha is None  # w == mask: the op already wrote 0 there
+
+    fused_head = (
+        len(types) == 1 and types[0] in HEAD_LOSS_TYPES and f_divergence_type == "reverse_kl"
+        and not use_weighting
+    )
+    if fused_head:
+        head = preference_head(
+            tok,
+            cu_seqlens=layout.cu,
+            ref_token_logps=ref_tok,
+            ref_logps=None if ref_tok is not None else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach(),
+            token_weights=None if plain else w,
+            loss_type=types[0],
+            beta=beta,
+            backend=backend,  # "auto": the Triton head on CUDA, the torch formulas elsewhere
+        )
+        losses, seq, seq_ref = head.losses, head.logps, head.ref_logps
+    else:
+        seq = _segment_sums(tok, w, layout)
+        seq_ref = (
+            _segment_sums(ref_tok, w, layout) if ref_tok is not None
+            else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
+        )
+        sft_logps = None
+        if not plain and "sft" in types:
+            sft_logps = _segment_sums(tok, mask.float(), layout)[:b]
+        pair_weights = None
+        if use_weighting:
+            pair_weights = wpo_pair_weights(tok, out.log_sum_p2, mask, layout.seq_ids, num_seqs=layout.num_seqs)
+        losses = preference_loss(
+            seq[:b], seq[b:], seq_ref[:b], seq_ref[b:], loss_type=loss_type, beta=beta,
+            label_smoothing=label_smoothing, loss_weights=loss_weights, chosen_lengths=lengths[:b],
+            rejected_lengths=lengths[b:], discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, pair_weights=pair_weights,
+            sft_chosen_logps=sft_logps,
+        )
+
+    metrics: dict[str, Tensor] = {}
+    if compute_metrics:
+        metrics = _metrics(out, tok, mask, layout, seq, seq_ref, b, beta)
+    return PreferenceLossOutput(
+        loss=losses.mean(), losses=losses, chosen_logps=seq[:b], rejected_logps=seq[b:],
+        ref_chosen_logps=seq_ref[:b].detach(), ref_rejected_logps=seq_ref[b:].detach(), metrics=metrics,
+    )
+
+
+def _metrics(
+    out: LinearLogprobsOutput, tok: Tensor, mask: Tensor, layout: _Layout, seq: Tensor, seq_ref: Tensor,
+    b: int, beta: float,
+) -> dict[str, Tensor]:
+    """TRL's logged metrics, detached (a 0 where a mean has no token, as TRL logs)."""
+    with torch.no_grad():
+        m = preference_rewards(seq[:b], seq[b:], seq_ref[:b], seq_ref[b:], beta=beta)
+        if layout.packed:
+            chosen_tok = mask & (layout.seq_ids < b)
+        else:
+            chosen_tok = mask.clone()
+            chosen_tok[b:] = False
+        rejected_tok = mask & ~chosen_tok
+
+        def mean_over(values: Tensor, where: Tensor) -> Tensor:
+            n = where.sum()
+            total = torch.where(where, values.float(), torch.zeros((), device=values.device)).sum()
+            return torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+
+        m["logits/chosen"] = mean_over(out.mean_logit, chosen_tok)
+        m["logits/rejected"] = mean_over(out.mean_logit, rejected_tok)
+        m["entropy"] = mean_over(out.entropy.detach(), mask)
+        m["mean_token_accuracy"] = mean_over(out.is_top1.float(), chosen_tok)
+        m["nll"] = -mean_over(tok.detach(), chosen_tok)
+        return m
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_preference_loss`: the loss configuration is
+    fixed at construction (and validated there), the tensors go to ``forward``.
+
+    Example::
+
+        loss_fn = FusedLinearPreferenceLoss(loss_type="apo_zero", beta=0.1)
+        out = loss_fn(hidden, lm_head.weight, labels, ref_hidden=ref_hidden, ref_weight=ref_head.weight)
+        out.loss.backward()
+        log({k: v.item() for k, v in out.metrics.items()})
+    """
+
+    def __init__(
+        self,
+        loss_type: str | Sequence[str] = "apo_zero",
+        beta: float = 0.1,
+        *,
+        label_smoothing: float = 0.0,
+        loss_weights: Sequence[float] | None = None,
+        discopop_tau: float = 0.05,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        reduction: str = "sum",
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        compute_metrics: bool = True,
+        filter_eps: float | str | None = "auto",
+        deterministic: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
+        _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"`ld_alpha` must lie in [0, 1] (or be None), got {ld_alpha!r}")
+        self.config = dict(
+            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction, ld_alpha=ld_alpha,
+            use_weighting=use_weighting, ignore_index=ignore_index, temperature=temperature,
+            logit_scale=logit_scale, softcap=softcap, compute_metrics=compute_metrics,
+            filter_eps=filter_eps, deterministic=deterministic, backend=backend,
+        )
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        bias: Tensor | None = None,
+        *,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_chosen_logps: Tensor | None = None,
+        ref_rejected_logps: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        seq_ids: Tensor | None = None,
+    ) -> PreferenceLossOutput:
+        """See :func:`fused_linear_preference_loss` for shapes."""
+        return fused_linear_preference_loss(
+            hidden, weight, labels, bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            cu_seqlens=cu_seqlens, seq_ids=seq_ids, **self.config,
+        )
+
+    def extra_repr(self) -> str:
+        shown = ("loss_type", "beta", "reduction", "ld_alpha", "softcap", "temperature")
+        return ", ".join(f"{k}={self.config[k]!r}" for k in shown)
