@@ -3,14 +3,17 @@
 Every configuration a launcher can return is listed in ``all_configs`` so the compile test
 (tests/test_kernel_compile.py) builds each one for sm_80 and sm_90 and checks it for spills.
 
-The GPU entries are first choices from the arithmetic below, not yet tuned on a device
-(tuning on Hopper is its own issue; tuned entries will name the device they were tuned on):
-- forward, 16-bit: a 128x128 logit tile in fp32 registers (64 KiB over 8 warps) with 64-wide
-  K steps keeps 3 stages of operands at 3 * (128*64 + 64*128) * 2 B = 96 KiB of shared memory,
-  within sm_80's 164 KiB and sm_90's 228 KiB.
-- backward, 16-bit: the tile also keeps the logit gradient (64x128) live across the K loop of
-  the two gradient GEMMs, so token blocks are halved.
-- fp32 inputs: half the tile in each dimension (operands are twice the bytes; dots in tf32/ieee).
+The GPU entries are first choices that compile for sm_80 and sm_90 without register spills
+(checked by the compile test with every optional feature on), not yet tuned on a device;
+tuned entries will name the device they were tuned on. What the compile check showed when
+they were chosen (triton 3.9, registers per thread, spilled bytes):
+- forward, 16-bit: 128x128 tiles spill on both archs (255 regs, 224-552 B: the tile's fp32
+  logits, probabilities and the entropy/stat terms are all live); 64x128x32 with 8 warps
+  does not (234-242 regs).
+- backward, 16-bit: the tile's logit gradient stays live across the two gradient GEMMs;
+  64x128 spills, 64x64x32 with 8 warps does not (140-220 regs).
+- fp32 inputs: operands are twice the bytes; 64x64x32 forward and 32x64x32 backward (8 warps:
+  with 4 the dW kernel spills 8 B on sm_90).
 Under the interpreter tiles are small (numpy cost grows with the tile) but still >= 16 (tl.dot's
 minimum), and the vocabulary is split eagerly so tests exercise the split-merge path.
 """
@@ -37,10 +40,10 @@ class TileConfig:
 
 
 _INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=4, num_stages=1)
-_FWD_16BIT = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-_FWD_FP32 = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
-_BWD_16BIT = TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
-_BWD_FP32 = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2)
+_FWD_16BIT = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_FWD_FP32 = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=3)
+_BWD_16BIT = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2)
+_BWD_FP32 = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=2)
 
 # Programs to aim for in the forward: enough waves to fill every SM when N is small.
 _INTERPRETER_TARGET_PROGRAMS = 8
