@@ -60,8 +60,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
                    help="OpenAI-compatible server, e.g. http://localhost:8000/v1 "
                         "(without it, --model is loaded locally with transformers)")
     g.add_argument("--api-key-env",
-                   help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV} "
-                        "if set)")
+                   help="environment variable holding the API key, e.g. "
+                        f"{DEFAULT_KEY_ENV} (default: no key)")
     g.add_argument("--gguf-file", help="local: GGUF file inside the --model folder")
     g.add_argument("--max-tokens", type=int, default=1024, help="answer length limit")
     g.add_argument("--temperature", type=float, help="sampling temperature (server default; "
@@ -78,8 +78,8 @@ def _add_reviser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reviser-base-url",
                    help="OpenAI-compatible server for the reviser (without it: local)")
     g.add_argument("--reviser-api-key-env",
-                   help=f"environment variable with the reviser's key (default {DEFAULT_KEY_ENV} "
-                        "if set)")
+                   help="environment variable holding the reviser's API key, e.g. "
+                        f"{DEFAULT_KEY_ENV} (default: no key)")
     g.add_argument("--reviser-gguf-file", help="local: GGUF file inside the reviser folder")
     g.add_argument("--reviser-max-tokens", type=int, default=4096)
     g.add_argument("--reviser-temperature", type=float, default=0.0,
@@ -109,8 +109,10 @@ def _add_report_fields(p: argparse.ArgumentParser) -> None:
 
 
 def _api_key(env_name: str | None, arg: str) -> str | None:
+    # No implicit default: picking up OPENAI_API_KEY on its own would send a hosted API's key
+    # to whatever --base-url points at (a local vLLM, a colleague's server).
     if env_name is None:
-        return os.environ.get(DEFAULT_KEY_ENV) or None
+        return None
     key = os.environ.get(env_name)
     if not key:
         raise _usage_error(f"{arg}: environment variable {env_name} is not set")

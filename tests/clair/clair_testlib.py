@@ -67,7 +67,8 @@ class ChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -104,7 +105,8 @@ class ChatServer:
             self.attempts[(model, n)] += 1
             attempt = self.attempts[(model, n)]
             self.calls.append({"model": model, "n": n, "attempt": attempt, "t": time.monotonic(),
-                               "messages": messages, "body": body})
+                               "messages": messages, "body": body,
+                               "auth": h.headers.get("Authorization")})
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
         try:

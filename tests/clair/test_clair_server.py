@@ -147,6 +147,7 @@ def test_pipeline_with_faults(chat_server, tmp_path):
     c11 = next(c for c in s.calls if c["model"] == "student" and c["n"] == 11)
     assert c11["messages"] == make_records()[11]["prompt"]
     assert c11["body"]["max_tokens"] == 64 and c11["body"]["temperature"] == 0.0
+    assert c11["body"]["model"] == "student" and c11["auth"] == "Bearer sk-test"
     c10 = next(c for c in s.calls if c["model"] == "teacher" and c["n"] == 10)
     assert f"<student_answer>\n{student_answer(10)}\n</student_answer>" in c10["messages"][0][
         "content"]
@@ -196,6 +197,24 @@ def test_changing_template_or_model_does_not_reuse(chat_server, tmp_path):
     assert "{braces ok}" in s.calls[-1]["messages"][0]["content"]
     assert [r["revision"] for r in read_records(out / "revisions.jsonl")] == [
         f"Q{n} answer: the total is {n}." for n in range(3)]
+
+
+def test_cli_api_key_from_named_env_only(chat_server, tmp_path, monkeypatch, capsys):
+    from apo_kernels.clair.cli import main
+
+    inp = tmp_path / "p.jsonl"
+    inp.write_text(json.dumps({"prompt": prompt_text(1)}) + "\n")
+    base = ["clair", "generate", "-i", str(inp), "-o", str(tmp_path / "o"), "--model", "student",
+            "--base-url", chat_server.base_url, "--no-progress"]
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-server")
+    monkeypatch.delenv("MY_KEY", raising=False)
+    assert main([*base, "--api-key-env", "MY_KEY"]) == 2
+    assert "--api-key-env: environment variable MY_KEY is not set" in capsys.readouterr().err
+    assert main(base) == 0  # no key named: none sent, even though OPENAI_API_KEY is set
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    assert main([*base, "--api-key-env", "MY_KEY", "--seed", "3"]) == 0
+    assert [c["auth"] for c in chat_server.calls] == [None, "Bearer sk-mine"]
+    assert read_records(tmp_path / "o" / "generations.jsonl")[0]["response"] == student_answer(1)
 
 
 def test_missing_prompt_field_names_fields(tmp_path, chat_server):

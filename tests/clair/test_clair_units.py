@@ -282,7 +282,7 @@ def test_cli_help_is_light():
 def test_example_prompts_file_is_valid():
     from pathlib import Path
 
-    import apo_kernels.clair as clair
+    from apo_kernels import clair
     from apo_kernels.clair.io import validate_prompt
 
     recs = read_records(Path(clair.__file__).parent / "data" / "example_prompts.jsonl")
