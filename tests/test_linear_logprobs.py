@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apo_kernels import linear_logprobs
-from numerics import TOLERANCE, assert_close_by_rule, make_inputs, oracle_and_same_dtype
+from apo_kernels.verify import TOLERANCE, assert_close_by_rule, make_inputs, oracle_and_same_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from apo_kernels import linear_logprobs
 from apo_kernels.reference import oracle_linear_logprobs
-from numerics import assert_close_by_rule, make_inputs, oracle_and_same_dtype
+from apo_kernels.verify import assert_close_by_rule, make_inputs, oracle_and_same_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 BACKENDS = ["torch", "triton"]

@@ -1,7 +1,8 @@
 """Backward of the fused linear log-probs: recompute each logit tile, never store one.
 
 Gradient of the per-token outputs with respect to the transformed logits z (p = softmax(z),
-g = dL/dlogp_t, e = dL/dH_t, E[z] = lse - H):
+g = dL/dlogp_t, e = dL/dH_t, E[z] = lse - H). Everything is taken relative to the row max m
+saved by the forward (see there): p = exp((z - m) - log s1), z - E[z] = (z - m) - (log s1 - H).
 
     d logp / dz_v = [v = y] - p_v
     d H    / dz_v = p_v (E[z] - z_v)          (H = lse - sum_v p_v z_v)
@@ -36,7 +37,7 @@ from .logit_tile import raw_logit_tile
 
 @triton.jit
 def _logit_grad_tile(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
     rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -53,13 +54,15 @@ def _logit_grad_tile(
     if HAS_BIAS:
         bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
     z, jac = transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-    lse = tl.load(lse_ptr + rows, mask=n_valid, other=0.0)
+    row_max = tl.load(max_ptr + rows, mask=n_valid, other=0.0)
+    log_norm = tl.load(lognorm_ptr + rows, mask=n_valid, other=0.0)
     g = tl.load(g_ptr + rows, mask=n_valid, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    z_rel = z - row_max[:, None]
+    p = tl.exp(z_rel - log_norm[:, None])
     if WITH_ENTROPY:
-        ez = tl.load(ez_ptr + rows, mask=n_valid, other=0.0)
+        ez_rel = tl.load(ez_ptr + rows, mask=n_valid, other=0.0)  # E[z] - m
         ge = tl.load(ge_ptr + rows, mask=n_valid, other=0.0)
-        dz = -p * (g[:, None] + ge[:, None] * (z - ez[:, None]))
+        dz = -p * (g[:, None] + ge[:, None] * (z_rel - ez_rel[:, None]))
         grad_scale = tl.abs(g) + tl.abs(ge)
     else:
         dz = -p * g[:, None]
@@ -79,7 +82,7 @@ def _logit_grad_tile(
 
 @triton.jit
 def _backward_atomic_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
     dh_ptr, dw_ptr, db_ptr,
     M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
     scale, softcap, inv_temp, filter_eps,
@@ -106,7 +109,7 @@ def _backward_atomic_kernel(
     v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_valid = v < V
     dacc, keep = _logit_grad_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+        h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
         rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
         scale, softcap, inv_temp, filter_eps,
         HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, False, FILTER,
@@ -135,7 +138,7 @@ def _backward_atomic_kernel(
 
 @triton.jit
 def _backward_dh_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, dh_ptr,
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, dh_ptr,
     M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -151,7 +154,7 @@ def _backward_dh_kernel(
         v = v0 + tl.arange(0, BLOCK_V)
         v_valid = v < V
         dacc, keep = _logit_grad_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
             rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
             scale, softcap, inv_temp, filter_eps,
             HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
@@ -173,7 +176,7 @@ def _backward_dh_kernel(
 
 @triton.jit
 def _backward_dw_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, dw_ptr, db_ptr,
     M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -191,7 +194,7 @@ def _backward_dw_kernel(
         n_valid = n < M
         rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
         dacc, keep = _logit_grad_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr,
+            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
             rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
             scale, softcap, inv_temp, filter_eps,
             HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
@@ -221,7 +224,8 @@ def triton_backward(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
     grad_logp: torch.Tensor,
     expected_logit: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
@@ -240,8 +244,9 @@ def triton_backward(
     Args:
         hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` | None, labels ``[N]``, rows ``[M]``:
             as in the forward.
-        lse, grad_logp: fp32 ``[N]``, read at ``rows``.
-        expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] and dL/dH, or None without entropy.
+        row_max, log_norm, grad_logp: fp32 ``[N]`` (m, log s1 of the forward, dL/dlogp), read
+            at ``rows``.
+        expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] - m and dL/dH, or None without entropy.
         grad_hidden ``[N, D]``, grad_weight ``[V, D]``, grad_bias ``[V]``: zero-initialised
             contiguous fp32 buffers, or None when that gradient is not needed.
 
@@ -252,7 +257,7 @@ def triton_backward(
     V, D = weight.shape
     cfg = backward_config(hidden.dtype)
     with_entropy = grad_entropy is not None
-    dummy = lse
+    dummy = row_max
     common = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
         FILTER=filter_eps is not None,
@@ -261,7 +266,7 @@ def triton_backward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     inputs = (
-        hidden, weight, bias if bias is not None else dummy, rows, labels, lse,
+        hidden, weight, bias if bias is not None else dummy, rows, labels, row_max, log_norm,
         expected_logit if with_entropy else dummy, grad_logp,
         grad_entropy if with_entropy else dummy,
     )

@@ -2,7 +2,7 @@
 
 For a token t with transformed logits z_v (see ``common.transform_logits``) and label y:
 
-    logp_t   = z_y - lse,                 lse = m + log s1,  s1 = sum_v exp(z_v - m)
+    logp_t   = (z_y - m) - log s1,        lse = m + log s1,  s1 = sum_v exp(z_v - m)
     H_t      = lse - E_p[z] = log s1 - u / s1,               u  = sum_v exp(z_v - m) (z_v - m)
     log sum_v p_v^2 = log s2 - 2 log s1,                     s2 = sum_v exp(2 (z_v - m))
     mean_t   = (sum_v z_v) / V
@@ -15,6 +15,10 @@ Online update when a tile raises the running max from m to m' (alpha = exp(m - m
     u'  = alpha (u + (m - m') s1) + sum_tile exp(z - m') (z - m')
 
 (u is kept relative to the running max, so H never forms lse - E[z] from two large numbers.)
+The normaliser is kept as the pair (m, log s1) rather than lse = m + log s1: with peaked logits
+|lse| is large and rounding it to fp32 costs ulp(lse) in every p = exp(z - lse) of the
+backward, which for the label (p near 1) is the whole error of 1 - p. With the pair,
+z - m is exact (Sterbenz) near the max and log s1 is small.
 Each (token block, vocabulary split) program writes these partials; ``_merge_kernel`` combines
 the splits with the same rule (alpha_s = exp(m_s - M)) and writes the per-token outputs.
 """
@@ -107,7 +111,7 @@ def _forward_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, rows_ptr, logp_ptr, lse_ptr, ent_ptr, mean_ptr, top1_ptr, lsp2_ptr,
+    part_ptr, rows_ptr, logp_ptr, max_ptr, lognorm_ptr, ent_ptr, mean_ptr, top1_ptr, lsp2_ptr,
     M, num_splits, part_stride, inv_v,
     WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -140,9 +144,9 @@ def _merge_kernel(
             maxbefore = tl.maximum(maxbefore, tl.load(base + 6 * stride, mask=n_valid, other=0.0))
 
     log_s1 = tl.log(s1)
-    lse = big_m + log_s1
-    tl.store(logp_ptr + rows, zy - lse, mask=n_valid)
-    tl.store(lse_ptr + rows, lse, mask=n_valid)
+    tl.store(logp_ptr + rows, (zy - big_m) - log_s1, mask=n_valid)
+    tl.store(max_ptr + rows, big_m, mask=n_valid)
+    tl.store(lognorm_ptr + rows, log_s1, mask=n_valid)
     if WITH_ENTROPY:
         tl.store(ent_ptr + rows, log_s1 - u / s1, mask=n_valid)
     if WITH_STATS:
@@ -173,7 +177,8 @@ def triton_forward(
         weight: ``[V, D]`` same dtype, any strides.  bias: ``[V]`` or None.
         labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
         rows: ``[M]`` int64, the kept token indices (M >= 1).
-        outputs: fp32 ``[N]`` tensors ``logp``, ``lse`` and, when asked, ``entropy``,
+        outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
+            when asked, ``entropy``,
             ``mean_logit``, ``log_sum_p2``; int8 ``[N]`` ``is_top1``.
     """
     num_rows = rows.numel()
@@ -198,7 +203,7 @@ def triton_forward(
     merge_block = 128
     dummy = outputs["logp"]
     _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
-        partials, rows, outputs["logp"], outputs["lse"],
+        partials, rows, outputs["logp"], outputs["row_max"], outputs["log_norm"],
         outputs.get("entropy", dummy), outputs.get("mean_logit", dummy),
         outputs.get("is_top1", dummy), outputs.get("log_sum_p2", dummy),
         num_rows, splits, splits * num_rows, 1.0 / V,

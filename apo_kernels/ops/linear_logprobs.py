@@ -84,13 +84,15 @@ def _forward_op(
     with_entropy: bool, with_stats: bool, backend: str,
     filter_eps: Optional[float], deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden ``[N, D]``, labels ``[N]`` -> fp32 ``[N]`` logp, lse, entropy, mean_logit,
-    is_top1 (bool), log_sum_p2; the optional ones are empty ``[0]`` when not asked for.
+    """hidden ``[N, D]``, labels ``[N]`` -> fp32 ``[N]`` logp, ``[2, N]`` normaliser (row max m
+    and log s1 with lse = m + log s1, kept apart for the backward's precision), entropy,
+    mean_logit, is_top1 (bool), log_sum_p2; optional ones are empty ``[0]`` when not asked for.
     ``filter_eps``/``deterministic`` are unused here and carried for the backward."""
     n = labels.shape[0]
     vocab = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    outputs = {"logp": torch.zeros(n, **f32), "lse": torch.zeros(n, **f32)}
+    norm = torch.zeros((2, n), **f32)
+    outputs = {"logp": torch.zeros(n, **f32), "row_max": norm[0], "log_norm": norm[1]}
     if with_entropy:
         outputs["entropy"] = torch.zeros(n, **f32)
     if with_stats:
@@ -110,7 +112,7 @@ def _forward_op(
             return outputs[name].to(dtype)
         return torch.empty(_EMPTY, device=hidden.device, dtype=dtype)
 
-    return (outputs["logp"], outputs["lse"], present("entropy"), present("mean_logit"),
+    return (outputs["logp"], norm, present("entropy"), present("mean_logit"),
             present("is_top1", torch.bool), present("log_sum_p2"))
 
 
@@ -122,7 +124,7 @@ def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperat
     def sized(present: bool, dtype: torch.dtype = torch.float32) -> Tensor:
         return hidden.new_empty((n,) if present else _EMPTY, dtype=dtype)
 
-    return (sized(True), sized(True), sized(with_entropy), sized(with_stats),
+    return (sized(True), hidden.new_empty((2, n), dtype=torch.float32), sized(with_entropy), sized(with_stats),
             sized(with_stats, torch.bool), sized(with_stats))
 
 
@@ -130,7 +132,7 @@ def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperat
 def _backward_op(
     grad_logp: Tensor, grad_entropy: Optional[Tensor],
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-    lse: Tensor, entropy: Optional[Tensor],
+    norm: Tensor, entropy: Optional[Tensor],
     ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float,
     backend: str, filter_eps: Optional[float], deterministic: bool,
     needs_hidden: bool, needs_weight: bool, needs_bias: bool,
@@ -147,8 +149,9 @@ def _backward_op(
         expected_logit = None
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-            expected_logit = lse - entropy  # E_p[z] = lse - H
-        args = (hidden, weight, bias, labels, rows, lse, grad_logp, expected_logit, grad_entropy)
+            expected_logit = norm[1] - entropy  # E_p[z] - m = log s1 - H
+        args = (hidden, weight, bias, labels, rows, norm[0], norm[1], grad_logp, expected_logit,
+                grad_entropy)
         kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                       grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -157,7 +160,7 @@ def _backward_op(
 
                 triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
                 if not deterministic:
-                    _add_label_term(*args[:7], **kwargs)
+                    _add_label_term(hidden, weight, bias, labels, rows, grad_logp, **kwargs)
             else:
                 reference.torch_backward(*args, **kwargs)
 
@@ -168,7 +171,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
+def _(grad_logp, grad_entropy, hidden, weight, labels, bias, norm, entropy, ignore_index,
       logit_scale, softcap, temperature, backend, filter_eps, deterministic,
       needs_hidden, needs_weight, needs_bias):
     return (hidden.new_empty(hidden.shape if needs_hidden else _EMPTY),
@@ -176,7 +179,7 @@ def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignor
             (bias if bias is not None else weight).new_empty((weight.shape[0],) if needs_bias else _EMPTY))
 
 
-def _add_label_term(hidden, weight, bias, labels, rows, lse, grad_logp, *, logit_scale, softcap,
+def _add_label_term(hidden, weight, bias, labels, rows, grad_logp, *, logit_scale, softcap,
                     temperature, grad_hidden, grad_weight, grad_bias) -> None:
     """The sparse part of the gradient the atomic kernel leaves out: for each kept token t,
     ``c_t = g_t * jac(z_{t,y_t})``, ``dH_t += c_t W[y_t]``, ``dW[y_t] += c_t h_t``,
@@ -202,25 +205,25 @@ def _add_label_term(hidden, weight, bias, labels, rows, lse, grad_logp, *, logit
 def _setup_context(ctx, inputs, output) -> None:
     (hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
      with_entropy, _with_stats, backend, filter_eps, deterministic) = inputs
-    logp, lse, entropy, mean_logit, is_top1, log_sum_p2 = output
-    ctx.mark_non_differentiable(lse, mean_logit, is_top1, log_sum_p2)
-    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy if with_entropy else None)
+    logp, norm, entropy, mean_logit, is_top1, log_sum_p2 = output
+    ctx.mark_non_differentiable(norm, mean_logit, is_top1, log_sum_p2)
+    ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy if with_entropy else None)
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, filter_eps,
                    deterministic)
     ctx.with_entropy = with_entropy
 
 
-def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_non_differentiable):
-    hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, _grad_norm, grad_entropy, *_non_differentiable):
+    hidden, weight, labels, bias, norm, entropy = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
         return (None,) * 13
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(norm[0])
     if not ctx.with_entropy:
         grad_entropy = None
     grad_hidden, grad_weight, grad_bias = torch.ops.apo_kernels.linear_logprobs_bwd(
-        grad_logp, grad_entropy, hidden, weight, labels, bias, lse,
+        grad_logp, grad_entropy, hidden, weight, labels, bias, norm,
         entropy if grad_entropy is not None else None, *ctx.options,
         needs_hidden, needs_weight, bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
@@ -299,7 +302,7 @@ def linear_logprobs(
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    logp, _lse, entropy, mean_logit, is_top1, log_sum_p2 = torch.ops.apo_kernels.linear_logprobs_fwd(
+    logp, _norm, entropy, mean_logit, is_top1, log_sum_p2 = torch.ops.apo_kernels.linear_logprobs_fwd(
         flat_hidden, weight, flat_labels, bias, int(ignore_index), float(logit_scale),
         None if softcap is None else float(softcap), float(temperature),
         bool(return_entropy), bool(return_stats), resolved,

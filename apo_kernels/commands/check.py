@@ -1,0 +1,119 @@
+"""``apo-kernels check``: verify values and every gradient against float64, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, d, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like NxDxV (e.g. 37x48x509), got {text!r}")
+    if min(n, d, v) < 1:
+        raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
+    return n, d, v
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check", help="verify values and gradients of each backend against float64",
+        description="Compare linear_logprobs (log-probs, entropy, dH, dW, dbias) of every backend "
+                    "available here with a float64 reference, by the rule |ours - oracle| <= "
+                    "|same-dtype torch - oracle| + tol. Exit code 1 on any failure.")
+    p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="NxDxV",
+                   help="token x hidden x vocab sizes (default: 37x48x509 200x64x1000 on CPU; "
+                        "256x512x32000 4096x2048x128256 on CUDA)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="input dtypes (default: all three)")
+    p.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton"],
+                   help="backends to check (default: every one available here; on CPU triton "
+                        "runs under its interpreter)")
+    p.add_argument("--softcap", type=float, default=None, help="tanh softcap (e.g. 30 for Gemma 2)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--logit-scale", type=float, default=1.0)
+    p.add_argument("--bias", action="store_true", help="include an LM-head bias")
+    p.add_argument("--flat", action="store_true",
+                   help="random (flat) logits instead of peaked ones like a trained model's")
+    p.add_argument("--exact", action="store_true", help="disable gradient filtering")
+    p.add_argument("--deterministic", action="store_true", help="deterministic backward")
+    p.add_argument("--ignore-frac", type=float, default=0.2, help="fraction of ignored tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also compile every kernel config for sm_80/sm_90 and report spills")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    backends = args.backends or ["torch", "triton"]
+    if "triton" in backends and not cuda:
+        # Kernels on CPU run only through Triton's interpreter, chosen before triton loads.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..verify import check_linear_logprobs
+
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes = args.shapes or ([(256, 512, 32000), (4096, 2048, 128256)] if cuda
+                             else [(37, 48, 509), (200, 64, 1000)])
+    dtypes = [getattr(torch, d) for d in (args.dtypes or ["float32", "float16", "bfloat16"])]
+    table = Table(title=f"linear_logprobs vs float64 on {torch.cuda.get_device_name() if cuda else 'CPU'}")
+    for col in ("backend", "dtype", "N x D x V", "quantity", "max |err|", "worst err - bound", "result"):
+        table.add_column(col, justify="right" if "err" in col else "left")
+    failures = 0
+    for backend in backends:
+        for dtype in dtypes:
+            for shape in shapes:
+                rows = check_linear_logprobs(
+                    *shape, dtype=dtype, backend=backend, device=device, softcap=args.softcap,
+                    temperature=args.temperature, logit_scale=args.logit_scale, bias=args.bias,
+                    peaked=not args.flat, filter_eps=None if args.exact else "auto",
+                    deterministic=args.deterministic, ignore_frac=args.ignore_frac, seed=args.seed)
+                for r in rows:
+                    failures += not r.passed
+                    table.add_row(backend, str(dtype).removeprefix("torch."), "x".join(map(str, shape)),
+                                  r.name, f"{r.max_error:.2e}", f"{r.max_excess:+.2e}",
+                                  "[green]pass[/]" if r.passed else f"[red]FAIL[/] {r.detail}")
+    console = Console()
+    console.print(table)
+    if args.compile:
+        failures += _compile_report(console)
+    console.print("[green]all checks passed[/]" if not failures else f"[red]{failures} check(s) failed[/]")
+    return 1 if failures else 0
+
+
+def _compile_report(console) -> int:
+    """Compile in a subprocess: kernels imported under the interpreter cannot compile."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "apo_kernels.kernels.compile_check"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        console.print(f"[red]compile check failed[/]\n{proc.stderr[-2000:]}")
+        return 1
+    from rich.table import Table
+
+    table = Table(title="kernel configurations compiled for GPUs (no GPU needed)")
+    for col in ("kernel", "sm", "dtype", "features", "tile NxVxD/warps/stages", "regs",
+                "shared KiB", "spilled B", "MMA"):
+        table.add_column(col)
+    failures = 0
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        c = r["config"]
+        bad = r["local_bytes"] > 0
+        failures += bad
+        table.add_row(r["kernel"], str(r["arch"]), r["dtype"], r["flags"],
+                      f"{c['block_n']}x{c['block_v']}x{c['block_d']}/{c['num_warps']}/{c['num_stages']}",
+                      str(r["registers"]), f"{r['shared_bytes'] / 1024:.0f}",
+                      f"[red]{r['local_bytes']}[/]" if bad else "0", "yes" if r["has_tensor_core_mma"] else "no")
+    console.print(table)
+    return failures
