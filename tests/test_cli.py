@@ -1,0 +1,68 @@
+"""The apo-kernels command line: check's exit codes and table, bench's CSV."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from apo_kernels.cli import main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apo_kernels.cli", *args], capture_output=True,
+                          text=True, timeout=600, env={"COLUMNS": "200", **__import__("os").environ})
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("check", "bench"):
+        assert command in out
+
+
+def test_check_passes_and_prints_a_table():
+    proc = _cli("check", "--shapes", "19x24x130", "--dtypes", "float32", "bfloat16", "--bias",
+                "--softcap", "7")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for word in ("torch", "triton", "dweight", "dbias", "all checks passed"):
+        assert word in proc.stdout
+
+
+def test_check_fails_with_exit_code_1_when_the_rule_is_broken(monkeypatch, capsys):
+    """Sabotage the torch backend's gradient; check must notice and exit 1."""
+    import apo_kernels.reference as reference
+
+    real = reference.torch_backward
+
+    def broken(*args, **kwargs):
+        real(*args, **kwargs)
+        if kwargs.get("grad_weight") is not None:
+            kwargs["grad_weight"].mul_(1.01)
+
+    monkeypatch.setattr(reference, "torch_backward", broken)
+    assert main(["check", "--shapes", "9x8x40", "--dtypes", "float32", "--backends", "torch"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bad_shape_argument_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--shapes", "12x7"])
+    assert exc.value.code == 2
+    assert "NxDxV" in capsys.readouterr().err
+
+
+def test_bench_writes_csv(tmp_path):
+    out = tmp_path / "bench.csv"
+    proc = _cli("bench", "--shapes", "64x32x512", "--reps", "2", "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("ours", "ordinary") for m in ("forward", "forward+backward")}
+    for r in rows:
+        assert r["error"] == "" and float(r["median_ms"]) > 0 and r["torch_version"]
+        assert r["device"]
