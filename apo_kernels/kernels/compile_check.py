@@ -115,8 +115,19 @@ def compile_all(archs: tuple[int, ...] = (80, 90), full_flags_only: bool = False
                     flags="all" if full else "none", config=cfg, registers=regs,
                     shared_bytes=compiled.metadata.shared, local_bytes=local,
                     has_tensor_core_mma=("wgmma" in ptx) if arch >= 90 else ("mma.sync" in ptx))
-    # The merge kernel has no tile configuration to pick.
+    # The merge and label-term kernels have no tile configuration to pick.
     for arch in archs:
+        consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DH=True, COMPUTE_DW=True,
+                      COMPUTE_DB=True, BLOCK_D=bwd._LABEL_BLOCK_D, stride_hd=1, stride_wd=1)
+        for dtype in (torch.bfloat16, torch.float32):
+            sig, consts = _signature(bwd._label_term_kernel, dtype, consts)
+            compiled = triton.compile(
+                ASTSource(fn=bwd._label_term_kernel, signature=sig, constexprs=consts),
+                target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            regs, local = _resource_usage(compiled.asm["cubin"])
+            yield CompileResult("_label_term_kernel", arch, _TRITON_DTYPE[dtype][0], "all",
+                                TileConfig(1, 1, bwd._LABEL_BLOCK_D, 4, 1), regs,
+                                compiled.metadata.shared, local, False)
         consts = dict(WITH_ENTROPY=True, WITH_STATS=True, BLOCK=128)
         sig, consts = _signature(fwd._merge_kernel, torch.float32, consts)
         compiled = triton.compile(ASTSource(fn=fwd._merge_kernel, signature=sig, constexprs=consts),

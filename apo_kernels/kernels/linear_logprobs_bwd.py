@@ -13,8 +13,8 @@ then through the transform, ``dacc_v = dz_v * jac_v`` (see ``common.transform_lo
 
 Two schedules:
 - atomic (default): one program per (token block, vocab block) tile, fp32 atomic adds into dH
-  and dW. The label term ``g [v = y]`` is left out of the tiles and added by the caller as a
-  sparse update (``dH_t += g_t jac_ty W[y_t]``, ``dW[y_t] += g_t jac_ty h_t``), so a tile only
+  and dW. The label term ``g [v = y]`` is left out of the tiles and added by a per-token kernel
+  as a sparse update (``dH_t += g_t jac_ty W[y_t]``, ``dW[y_t] += g_t jac_ty h_t``), so a tile only
   carries ``-p (...)`` and is skipped (no gradient GEMMs, no atomics) when every entry is below
   ``filter_eps`` times the token's gradient scale ``(|g| + |e|) * scale / T``.
   Atomic fp32 adds make the result order-dependent in its last bits.
@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, input_precision, transform_logits
+from .common import accurate_tanh, dot_dtype, input_precision, transform_logits
 from .configs import backward_config
 from .logit_tile import raw_logit_tile
+
+_LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
 
 
 @triton.jit
@@ -218,6 +220,49 @@ def _backward_dw_kernel(
         tl.store(db_ptr + v, db, mask=v_valid)
 
 
+@triton.jit
+def _label_term_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    D, stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The sparse label term the atomic kernel leaves out, one program per kept token t:
+    ``c = g_t * jac(z_{t,y})``, ``dH_t += c W[y]``, ``dW[y] += c h_t``, ``db[y] += c``.
+
+    Runs after the tile kernel on the same stream, so its plain read-modify-write of the
+    token's own dH row cannot race; dW rows are shared by tokens with the same label (atomic).
+    """
+    t = tl.program_id(0)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    coef = tl.load(g_ptr + row) * (scale * inv_temp)
+    if HAS_SOFTCAP:
+        raw = 0.0
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            h = tl.load(h_ptr + row * stride_hn + d * stride_hd, mask=d < D, other=0.0)
+            w = tl.load(w_ptr + y * stride_wv + d * stride_wd, mask=d < D, other=0.0)
+            raw += tl.sum(h.to(tl.float32) * w.to(tl.float32), 0)
+        if HAS_BIAS:
+            raw += tl.load(b_ptr + y).to(tl.float32)
+        th = accurate_tanh(raw * scale / softcap)
+        coef = coef * (1.0 - th * th)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + y, coef)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_valid = d < D
+        if COMPUTE_DH:
+            w = tl.load(w_ptr + y * stride_wv + d * stride_wd, mask=d_valid, other=0.0)
+            ptrs = dh_ptr + row * D + d
+            tl.store(ptrs, tl.load(ptrs, mask=d_valid, other=0.0) + coef * w.to(tl.float32),
+                     mask=d_valid)
+        if COMPUTE_DW:
+            h = tl.load(h_ptr + row * stride_hn + d * stride_hd, mask=d_valid, other=0.0)
+            tl.atomic_add(dw_ptr + y * D + d, coef * h.to(tl.float32), mask=d_valid)
+
+
 def triton_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -250,8 +295,8 @@ def triton_backward(
         grad_hidden ``[N, D]``, grad_weight ``[V, D]``, grad_bias ``[V]``: zero-initialised
             contiguous fp32 buffers, or None when that gradient is not needed.
 
-    Atomic mode leaves the label term to the caller (``label_term_is_sparse`` is True);
-    deterministic mode includes it.
+    Atomic mode applies the label term with a sparse per-token kernel after the tiles;
+    deterministic mode keeps it inside the tiles.
     """
     num_rows = rows.numel()
     V, D = weight.shape
@@ -283,6 +328,17 @@ def triton_backward(
             *sizes,
             COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
             COMPUTE_DB=grad_bias is not None, GROUP_N=cfg.group_n, **common,
+        )
+        _label_term_kernel[(num_rows,)](
+            hidden, weight, bias if bias is not None else dummy, rows, labels, grad_logp,
+            grad_hidden if grad_hidden is not None else dummy,
+            grad_weight if grad_weight is not None else dummy,
+            grad_bias if grad_bias is not None else dummy,
+            D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
+            COMPUTE_DB=grad_bias is not None, BLOCK_D=_LABEL_BLOCK_D, num_warps=4,
         )
         return
     if grad_hidden is not None:

@@ -159,8 +159,6 @@ def _backward_op(
                 from ..kernels.linear_logprobs_bwd import triton_backward
 
                 triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
-                if not deterministic:
-                    _add_label_term(hidden, weight, bias, labels, rows, grad_logp, **kwargs)
             else:
                 reference.torch_backward(*args, **kwargs)
 
@@ -177,29 +175,6 @@ def _(grad_logp, grad_entropy, hidden, weight, labels, bias, norm, entropy, igno
     return (hidden.new_empty(hidden.shape if needs_hidden else _EMPTY),
             weight.new_empty(weight.shape if needs_weight else _EMPTY),
             (bias if bias is not None else weight).new_empty((weight.shape[0],) if needs_bias else _EMPTY))
-
-
-def _add_label_term(hidden, weight, bias, labels, rows, grad_logp, *, logit_scale, softcap,
-                    temperature, grad_hidden, grad_weight, grad_bias) -> None:
-    """The sparse part of the gradient the atomic kernel leaves out: for each kept token t,
-    ``c_t = g_t * jac(z_{t,y_t})``, ``dH_t += c_t W[y_t]``, ``dW[y_t] += c_t h_t``,
-    ``db[y_t] += c_t``. Only the label's logit is recomputed (a dot product per token)."""
-    y = labels[rows]
-    h = hidden[rows].float()
-    w_y = weight[y].float()
-    coef = grad_logp[rows] * (logit_scale / temperature)
-    if softcap is not None:
-        raw = (h * w_y).sum(-1)
-        if bias is not None:
-            raw = raw + bias[y].float()
-        th = torch.tanh(raw * (logit_scale / softcap))
-        coef = coef * (1.0 - th * th)
-    if grad_hidden is not None:
-        grad_hidden[rows] += coef[:, None] * w_y
-    if grad_weight is not None:
-        grad_weight.index_add_(0, y, coef[:, None] * h)
-    if grad_bias is not None:
-        grad_bias.index_add_(0, y, coef)
 
 
 def _setup_context(ctx, inputs, output) -> None:
