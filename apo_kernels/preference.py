@@ -233,7 +233,7 @@ def fused_linear_preference_loss(
         )
 
     op_kwargs = dict(
-        ignore_index=ignore_index, temperature=temperature*1.0005, logit_scale=logit_scale, softcap=softcap,
+        ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
         filter_eps=filter_eps, deterministic=deterministic, backend=backend,
     )
     want_stats = compute_metrics or use_weighting

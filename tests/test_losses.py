@@ -217,8 +217,8 @@ def test_extreme_logratios_stay_finite(gen):
     for loss_type in LOSS_TYPES:
         for beta in (0.1, 5.0):
             out, grads = _loss_and_grads(
-                lambda a, b_, c, d: preference_loss(
-                    a, b_, c, d, loss_type=loss_type, beta=beta, label_smoothing=_eps_for(loss_type),
+                lambda a, b_, c, d, lt=loss_type, be=beta: preference_loss(
+                    a, b_, c, d, loss_type=lt, beta=be, label_smoothing=_eps_for(lt),
                     chosen_lengths=lc, rejected_lengths=lr,
                 ),
                 pc, pr, rc, rr,
@@ -370,7 +370,6 @@ def _token_batch(b, t, gen, extreme=False):
 
 
 def _trl_dpo(trainer_cls, tok, mask, ref_c, ref_r, **cfg):
-    b = tok.shape[0] // 2
     leaf = tok.clone().requires_grad_(True)
     outputs = SimpleNamespace(
         log_probs=leaf, entropy=torch.rand_like(tok), mean_logits=torch.randn_like(tok),
