@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--deterministic", action="store_true", help="deterministic backward")
     p.add_argument("--ignore-frac", type=float, default=0.2, help="fraction of ignored tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-preference", action="store_true",
+                   help="skip the check of the fused preference loss (APO-zero, APO-down, DPO, IPO)")
     p.add_argument("--compile", action="store_true",
                    help="also compile every kernel config for sm_80/sm_90 and report spills")
     p.set_defaults(func=run)
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                   "[green]pass[/]" if r.passed else f"[red]FAIL[/] {r.detail}")
     console = Console()
     console.print(table)
+    if not args.no_preference:
+        failures += _preference_report(console, backends, dtypes, device, args.seed)
     if args.compile:
         failures += _compile_report(console)
     console.print("[green]all checks passed[/]" if not failures else f"[red]{failures} check(s) failed[/]")
@@ -115,5 +119,24 @@ def _compile_report(console) -> int:
                       f"{c['block_n']}x{c['block_v']}x{c['block_d']}/{c['num_warps']}/{c['num_stages']}",
                       str(r["registers"]), f"{r['shared_bytes'] / 1024:.0f}",
                       f"[red]{r['local_bytes']}[/]" if bad else "0", "yes" if r["has_tensor_core_mma"] else "no")
+    console.print(table)
+    return failures
+
+
+def _preference_report(console, backends, dtypes, device, seed) -> int:
+    """The fused preference loss (loss, dH, dW, dbias) against float64 with full logits."""
+    from rich.table import Table
+
+    from .check_preference import check_preference
+
+    table = Table(title="fused preference loss vs float64 (full logits, log_softmax, gather, sum, formula)")
+    for col in ("backend", "loss / dtype / quantity", "max |err|", "allowed", "result"):
+        table.add_column(col)
+    failures = 0
+    for backend in backends:
+        for row in check_preference(device=device, dtypes=dtypes, backend=backend, seed=seed):
+            failures += not row["passed"]
+            table.add_row(backend, row["name"], f"{row['max_abs_err']:.2e}", f"{row['tol']:.2e}",
+                          "[green]pass[/]" if row["passed"] else "[red]FAIL[/]")
     console.print(table)
     return failures

@@ -24,11 +24,12 @@ from triton.compiler import ASTSource
 
 from . import linear_logprobs_bwd as bwd
 from . import linear_logprobs_fwd as fwd
+from . import preference_head as head
 from .configs import TileConfig, all_configs
 
-_PTR_TYPES = {"rows_ptr": "*i64", "labels_ptr": "*i64", "top1_ptr": "*i8"}
+_PTR_TYPES = {"rows_ptr": "*i64", "labels_ptr": "*i64", "top1_ptr": "*i8", "cu_ptr": "*i64"}
 _INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")
-_FLOATS = ("scale", "softcap", "inv_temp", "filter_eps", "inv_v")
+_FLOATS = ("scale", "softcap", "inv_temp", "filter_eps", "inv_v", "beta")
 _TRITON_DTYPE = {torch.float32: ("fp32", tl.float32), torch.float16: ("fp16", tl.float16),
                  torch.bfloat16: ("bf16", tl.bfloat16)}
 
@@ -115,8 +116,21 @@ def compile_all(archs: tuple[int, ...] = (80, 90), full_flags_only: bool = False
                     flags="all" if full else "none", config=cfg, registers=regs,
                     shared_bytes=compiled.metadata.shared, local_bytes=local,
                     has_tensor_core_mma=("wgmma" in ptx) if arch >= 90 else ("mma.sync" in ptx))
-    # The merge and label-term kernels have no tile configuration to pick.
+    # The merge, label-term and loss-head kernels have no tile configuration to pick.
     for arch in archs:
+        for name, loss_code in head.LOSS_CODES.items():
+            for kernel, consts in (
+                    (head._preference_head_fwd, dict(LOSS=loss_code, HAS_W=True, REF_TOKENS=True,
+                                                     BLOCK=head._BLOCK)),
+                    (head._preference_head_bwd, dict(LOSS=loss_code, HAS_W=True, HAS_GRAD_SEQ=True,
+                                                     BLOCK=head._BLOCK))):
+                sig, consts = _signature(kernel, torch.float32, consts)
+                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                          target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+                regs, local = _resource_usage(compiled.asm["cubin"])
+                yield CompileResult(kernel.__name__, arch, "fp32", name,
+                                    TileConfig(1, 0, head._BLOCK, 4, 1), regs,
+                                    compiled.metadata.shared, local, False)
         consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DH=True, COMPUTE_DW=True,
                       COMPUTE_DB=True, BLOCK_D=bwd._LABEL_BLOCK_D, stride_hd=1, stride_wd=1)
         for dtype in (torch.bfloat16, torch.float32):
