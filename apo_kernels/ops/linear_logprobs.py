@@ -7,13 +7,13 @@ the data-dependent compaction of ignored tokens; autograd is registered on the f
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional, overload, Literal
 
 import torch
 from torch import Tensor
 
 from .. import reference
+from .backend import resolve_backend
 from .checks import check_label_values, check_linear_inputs, check_options, check_transform
 
 
@@ -33,30 +33,6 @@ class LinearLogprobsOutput(NamedTuple):
     mean_logit: Optional[Tensor]
     is_top1: Optional[Tensor]
     log_sum_p2: Optional[Tensor]
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-        from ..kernels.common import interpreter_active
-
-        if device.type != "cuda" and not interpreter_active():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only "
-                "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-    return backend
 
 
 def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
@@ -271,7 +247,7 @@ def linear_logprobs(
         hidden, weight = hidden.to(cast_to), weight.to(cast_to)
     check_transform(logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device)
     eps = reference.default_filter_eps(hidden.dtype) if filter_eps == "auto" else filter_eps
 
     shape = labels.shape

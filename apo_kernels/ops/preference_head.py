@@ -12,7 +12,6 @@ backend (``"auto"`` switches to it).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from ..losses import preference_loss
 from ..sequence import seq_ids_from_cu_seqlens
+from .backend import resolve_backend
 
 __all__ = ["HEAD_LOSS_TYPES", "PreferenceHeadOutput", "preference_head"]
 
@@ -34,21 +34,6 @@ class PreferenceHeadOutput(NamedTuple):
     losses: Tensor
     logps: Tensor
     ref_logps: Tensor
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreter() -> bool:
-    from ..kernels.common import interpreter_active
-
-    return interpreter_active()
 
 
 class _PreferenceHeadFunction(torch.autograd.Function):
@@ -172,13 +157,8 @@ def preference_head(
     w = None if token_weights is None else token_weights.reshape(-1)
 
     needs_torch = ref.requires_grad or (w is not None and w.requires_grad)
-    if backend == "auto":
-        backend = "triton" if (x.is_cuda and _triton_available() and not needs_torch) else "torch"
+    backend = resolve_backend(backend, x.device, auto_allows_triton=not needs_torch)
     if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-        if not x.is_cuda and not _interpreter():
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
         if needs_torch:
             raise ValueError(
                 "backend='triton' treats the reference and the token weights as constants; they "
