@@ -174,8 +174,9 @@ def fused_linear_preference_loss(
         labels: ``[2B, T]`` / ``[N]`` int token ids aligned with ``hidden``; ``ignore_index`` at
             prompt and padding positions.
         ref_hidden: reference hidden states shaped like ``hidden`` (its own D allowed) with
-            ``ref_weight [V, D_ref]`` (default: ``weight``, e.g. a PEFT policy whose frozen base
-            is the reference) and ``ref_bias``; run forward-only under ``no_grad``. Or
+            ``ref_weight [V, D_ref]`` and ``ref_bias`` (default: the policy's ``weight`` and
+            ``bias``, e.g. a PEFT policy whose frozen base is the reference); run forward-only
+            under ``no_grad``. Or
         ref_chosen_logps, ref_rejected_logps: precomputed reference sequence log-probs ``[B]``
             (computed with the same ``reduction``/``ld_alpha``).
         cu_seqlens / seq_ids: packed sequence bounds, ``[2B + 1]`` / ``[N]``.
@@ -244,9 +245,10 @@ def fused_linear_preference_loss(
     ref_tok = None
     if has_ref_hidden:
         with torch.no_grad():
-            rw = weight.detach() if ref_weight is None else ref_weight.detach()
+            # Without its own head, the reference shares the policy's whole head, bias included.
+            rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
             ref_tok = linear_logprobs(
-                ref_hidden.detach(), rw, labels, None if ref_bias is None else ref_bias.detach(), **op_kwargs
+                ref_hidden.detach(), rw.detach(), labels, None if rb is None else rb.detach(), **op_kwargs
             )
 
     # Per-token weights: completion mask x LD-DPO factor (/ length for "mean").

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apo_kernels import linear_logprobs
-from apo_kernels.verify import TOLERANCE, assert_close_by_rule, make_inputs, oracle_and_same_dtype
+from apo_kernels.verify import assert_close_by_rule, make_inputs, oracle_and_same_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -73,11 +73,12 @@ def test_values_and_gradients(backend, dtype, transform, poison_empty):
               entropy=transform in ("softcap", "all"), stats=transform == "all")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_peaked_logits_with_filter(backend, dtype, deterministic, poison_empty):
-    _run_case(backend, dtype, {}, peaked=True, bias=True, entropy=True, stats=True,
+def test_peaked_logits_with_default_filter(dtype, deterministic, poison_empty):
+    """Peaked logits are where the filter skips tiles (fp16/bf16 defaults; fp32 is exact).
+    Only the Triton backend filters; the torch backend is covered by the other cases."""
+    _run_case("triton", dtype, {}, peaked=True, bias=True, entropy=True, stats=True,
               deterministic=deterministic)
 
 
@@ -140,7 +141,3 @@ def test_backends_agree_on_split_and_unsplit_vocab(backend):
     Both must match the oracle (the interpreter's split target is 8 programs)."""
     for n in (3, 150):
         _run_case(backend, torch.float32, {}, n=n, d=20, v=700, stats=True, entropy=True, ignore_frac=0.0)
-
-
-def test_tolerances_table_is_used():
-    assert set(TOLERANCE) == set(DTYPES)

@@ -93,6 +93,9 @@ def test_non_finite_hidden_stays_in_its_token(backend, bad):
     assert not finite[7] and finite[torch.arange(40) != 7].all()
     assert torch.isfinite(out.entropy[torch.arange(40) != 7]).all()
     out.logprobs.sum().backward()  # must not crash or hang
+    # dH is per token: only the bad token's row is non-finite. (dW mixes every token.)
+    row_finite = torch.isfinite(h.grad).all(dim=1)
+    assert not row_finite[7] and row_finite[torch.arange(40) != 7].all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,6 +122,29 @@ def test_autocast_casts_like_a_matmul(backend):
     oracle, same = oracle_and_same_dtype(hidden.bfloat16(), weight.bfloat16(), labels, None, g, None)
     assert_close_by_rule("logp", logp, oracle["logp"], same["logp"], torch.bfloat16)
     assert_close_by_rule("dW", gw, oracle["grads"]["weight"], same["grads"]["weight"], torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_bf16_hidden_and_fp32_master_weight(backend):
+    """The usual mixed-precision case: bf16 activations, fp32 lm_head parameters."""
+    hidden, weight, labels, _ = make_inputs(20, 16, 60, torch.float32)
+    h, w = hidden.bfloat16().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = linear_logprobs(h, w, labels, backend=backend)
+    logp.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = linear_logprobs(hidden.bfloat16(), weight.bfloat16(), labels, backend=backend)
+    torch.testing.assert_close(logp, ref)
+
+
+def test_labels_of_any_integer_dtype_and_numpy_scalars():
+    import numpy as np
+
+    h, w, y = _inputs()
+    expected = linear_logprobs(h, w, y, temperature=0.5)
+    torch.testing.assert_close(linear_logprobs(h, w, y.to(torch.uint8), temperature=np.float32(0.5)),
+                               expected)
+    torch.testing.assert_close(linear_logprobs(h, w, y.int(), temperature=0.5), expected)
 
 
 def test_torch_compile_fullgraph_with_backward():

@@ -193,6 +193,16 @@ def test_precomputed_reference_equals_reference_hidden(gen):
     assert not a.ref_chosen_logps.requires_grad
 
 
+def test_reference_without_its_own_head_shares_the_policy_bias(gen):
+    """ref_weight=None means the reference uses the policy's head: weight and bias."""
+    h, w, labels, bb, ref_h, _ = _problem(gen, bias=True)
+    shared = fused_linear_preference_loss(h, w, labels, bb, ref_hidden=ref_h)
+    explicit = fused_linear_preference_loss(h, w, labels, bb, ref_hidden=ref_h, ref_weight=w, ref_bias=bb)
+    no_bias = fused_linear_preference_loss(h, w, labels, bb, ref_hidden=ref_h, ref_weight=w)
+    torch.testing.assert_close(shared.ref_chosen_logps, explicit.ref_chosen_logps)
+    assert not torch.allclose(shared.ref_chosen_logps, no_bias.ref_chosen_logps)
+
+
 def test_triton_backend_under_interpreter(gen, poison_empty):
     """The whole path on the Triton kernels (op + loss head) under TRITON_INTERPRET=1."""
     pytest.importorskip("triton")

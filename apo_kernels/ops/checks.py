@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -24,10 +25,8 @@ def check_linear_inputs(
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"hidden must be float32, float16 or bfloat16 hidden states, got dtype {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one of "
-            "them or run under torch.autocast")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be float32, float16 or bfloat16, got dtype {weight.dtype}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}")
     if hidden.dim() < 1:
@@ -56,6 +55,14 @@ def check_linear_inputs(
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
+
+
+def check_same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """After any autocast cast: the two matmul operands must agree."""
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one of "
+            "them or run under torch.autocast")
 
 
 def check_transform(logit_scale: float, softcap: float | None, temperature: float) -> None:
@@ -90,4 +97,5 @@ def check_label_values(labels: torch.Tensor, kept: torch.Tensor, vocab_size: int
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # numbers.Real admits numpy scalars (np.float32(0.5)) as well as Python numbers.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from .. import reference
 from .backend import resolve_backend
-from .checks import check_label_values, check_linear_inputs, check_options, check_transform
+from .checks import (
+    check_label_values,
+    check_linear_inputs,
+    check_options,
+    check_same_dtype,
+    check_transform,
+)
 
 
 class LinearLogprobsOutput(NamedTuple):
@@ -67,20 +73,25 @@ def _forward_op(
     n = labels.shape[0]
     vocab = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    norm = torch.zeros((2, n), **f32)
-    outputs = {"logp": torch.zeros(n, **f32), "row_max": norm[0], "log_norm": norm[1]}
+    # Uninitialised on purpose: the backends write every kept row, the ignored rows are zeroed
+    # below, and tests poison torch.empty with NaN so a row left unwritten fails loudly.
+    norm = torch.empty((2, n), **f32)
+    outputs = {"logp": torch.empty(n, **f32), "row_max": norm[0], "log_norm": norm[1]}
     if with_entropy:
-        outputs["entropy"] = torch.zeros(n, **f32)
+        outputs["entropy"] = torch.empty(n, **f32)
     if with_stats:
-        outputs["mean_logit"] = torch.zeros(n, **f32)
-        outputs["is_top1"] = torch.zeros(n, device=hidden.device, dtype=torch.int8)
-        outputs["log_sum_p2"] = torch.zeros(n, **f32)
-    rows = _kept_rows(labels, ignore_index)
+        outputs["mean_logit"] = torch.empty(n, **f32)
+        outputs["is_top1"] = torch.empty(n, device=hidden.device, dtype=torch.int8)
+        outputs["log_sum_p2"] = torch.empty(n, **f32)
+    ignored = labels == ignore_index
+    rows = (~ignored).nonzero().squeeze(1)
     check_label_values(labels, rows, vocab)
     if rows.numel() > 0:
         _run_forward(backend, hidden, weight, bias, labels, rows, outputs, logit_scale=logit_scale,
                      softcap=softcap, temperature=temperature, with_entropy=with_entropy,
                      with_stats=with_stats)
+    for out in outputs.values():  # [N] each (row_max and log_norm are views of norm)
+        out.masked_fill_(ignored, 0)
 
     def present(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         # Custom ops may not return aliased outputs: a fresh empty tensor for each absent one.
@@ -245,6 +256,7 @@ def linear_logprobs(
         # differentiable, so fp32 master weights get fp32 gradients.
         cast_to = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+    check_same_dtype(hidden, weight)
     check_transform(logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
     resolved = resolve_backend(backend, hidden.device)
@@ -252,7 +264,7 @@ def linear_logprobs(
 
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
+    flat_labels = labels.reshape(-1).long()  # kernels and gathers index with int64
     logp, _norm, entropy, mean_logit, is_top1, log_sum_p2 = torch.ops.apo_kernels.linear_logprobs_fwd(
         flat_hidden, weight, flat_labels, bias, int(ignore_index), float(logit_scale),
         None if softcap is None else float(softcap), float(temperature),
