@@ -118,18 +118,23 @@ def compile_all(archs: tuple[int, ...] = (80, 90), full_flags_only: bool = False
                     has_tensor_core_mma=("wgmma" in ptx) if arch >= 90 else ("mma.sync" in ptx))
     # The merge, label-term and loss-head kernels have no tile configuration to pick.
     for arch in archs:
-        for name, loss_code in head.LOSS_CODES.items():
+        # Every block size with one loss, every loss with the largest block (the loss only
+        # changes scalar code).
+        head_variants = [(code, block) for code in head.LOSS_CODES.values() for block in head.BLOCKS
+                         if block == head.BLOCKS[-1] or code == head.LOSS_CODES["apo_zero"]]
+        for loss_code, block in head_variants:
+            name = next(k for k, v in head.LOSS_CODES.items() if v == loss_code)
             for kernel, consts in (
                     (head._preference_head_fwd, dict(LOSS=loss_code, HAS_W=True, REF_TOKENS=True,
-                                                     BLOCK=head._BLOCK)),
+                                                     BLOCK=block)),
                     (head._preference_head_bwd, dict(LOSS=loss_code, HAS_W=True, HAS_GRAD_SEQ=True,
-                                                     BLOCK=head._BLOCK))):
+                                                     BLOCK=block))):
                 sig, consts = _signature(kernel, torch.float32, consts)
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
                                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
                 regs, local = _resource_usage(compiled.asm["cubin"])
                 yield CompileResult(kernel.__name__, arch, "fp32", name,
-                                    TileConfig(1, 0, head._BLOCK, 4, 1), regs,
+                                    TileConfig(1, 0, block, 4, 1), regs,
                                     compiled.metadata.shared, local, False)
         consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DH=True, COMPUTE_DW=True,
                       COMPUTE_DB=True, BLOCK_D=bwd._LABEL_BLOCK_D, stride_hd=1, stride_wd=1)

@@ -58,9 +58,21 @@ def _sigmoid(u):
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0 to full relative precision (no libdevice under the interpreter).
+
+    With u = fl(1 + x), log(u) * x / (u - 1) cancels the rounding of u (Goldberg's trick);
+    where u rounds to 1, log1p(x) = x to working precision.
+    """
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
 def _softplus(u):
-    # log(1 + e^u) = max(u, 0) + log(1 + e^-|u|); the second term is in [0, log 2].
-    return tl.maximum(u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))
+    # log(1 + e^u) = max(u, 0) + log1p(e^-|u|); log1p keeps tiny losses (u << 0) accurate.
+    return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
 
 
 @triton.jit
@@ -171,11 +183,15 @@ def _preference_head_bwd(
     _scatter_segment(grad_x_ptr, w_ptr, tl.load(cu_ptr + q), tl.load(cu_ptr + q + 1), coef_l, HAS_W, BLOCK)
 
 
+#: The block sizes the launchers can pick (each compiled by the compile check).
+BLOCKS = (32, 256, _BLOCK)
+
+
 def _block(num_tokens: int, num_seqs: int) -> int:
-    # Enough lanes for a typical segment, never more than the default; small under the
-    # interpreter because numpy cost grows with the block.
+    # Enough lanes for a typical segment, never more than the default; small for short
+    # segments (and under the interpreter, whose numpy cost grows with the block).
     avg = max(1, num_tokens // max(num_seqs, 1))
-    return max(16, min(_BLOCK, triton.next_power_of_2(avg)))
+    return next((b for b in BLOCKS if b >= avg), BLOCKS[-1])
 
 
 def preference_head_forward(
