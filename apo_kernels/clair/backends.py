@@ -1,7 +1,9 @@
 """Where answers come from: an OpenAI-compatible server or a local HF model.
 
 Both backends take a list of :class:`Job` and call ``on_done(job, reply)`` as each one finishes
-(the pipeline stores it right there), and return usage totals for the run.
+(the pipeline stores it right there), and return usage totals for the run. The server backend
+raises :class:`~apo_kernels.clair.client.ServerUnreachableError` (after reporting the failed
+job) when the server cannot be reached at all, instead of failing every remaining job slowly.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .client import ChatClient, ChatResult, RetryPolicy, UsageTotals
+from .client import ChatClient, ChatResult, RetryPolicy, ServerUnreachableError, UsageTotals
 from .io import Prompt, as_messages
 
 
@@ -34,11 +36,13 @@ class Reply:
     error: str | None = None
     status: int | None = None
     raw: str | None = None
+    transient: bool = False  # a retryable fault outlasted the retries: not done, retry later
 
     @classmethod
     def from_chat(cls, r: ChatResult) -> Reply:
         return cls(text=r.text, finish_reason=r.finish_reason, usage=r.usage,
-                   attempts=r.attempts, error=r.error, status=r.status, raw=r.raw)
+                   attempts=r.attempts, error=r.error, status=r.status, raw=r.raw,
+                   transient=r.transient)
 
 
 OnDone = Callable[[Job, Reply], None]
@@ -99,18 +103,22 @@ class OpenAIBackend:
                     return
                 result = await client.chat(as_messages(job.prompt))
                 on_done(job, Reply.from_chat(result))  # runs on the loop thread: no locking
+                if result.unreachable:  # stops the other workers too (see below)
+                    raise ServerUnreachableError(self.base_url, result.error or "no reply")
 
         async with client:
             tasks = [asyncio.create_task(worker())
                      for _ in range(min(self.concurrency, len(jobs)))]
             try:
                 await asyncio.gather(*tasks)
-            except BaseException:
-                # One failure (e.g. the disk is full) stops everyone: cancel before the client
-                # closes under requests still in flight.
+            except BaseException as e:
+                # One failure (e.g. the disk is full, the server is gone) stops everyone: cancel
+                # before the client closes under requests still in flight.
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if isinstance(e, ServerUnreachableError):
+                    e.totals = client.totals.as_dict()
                 raise
         return client.totals
 

@@ -46,7 +46,8 @@ def _add_client(p: argparse.ArgumentParser) -> None:
                    help="first backoff delay in seconds, doubled per retry (default 1)")
     g.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff (default 60)")
     g.add_argument("--retry-failed", action="store_true",
-                   help="redo items recorded as failed by an earlier run")
+                   help="also redo items with a permanent failure from an earlier run "
+                        "(transient ones, e.g. connection errors, are always retried)")
     g.add_argument("--batch-size", type=int, default=8, help="local models: prompts per batch")
     g.add_argument("--device", help="local models: torch device (default cuda if available)")
     g.add_argument("--dtype", help="local models: torch dtype to load in, e.g. bfloat16")
@@ -171,19 +172,55 @@ def _reviser_backend(args: argparse.Namespace) -> Any:
         gguf_file=args.reviser_gguf_file))
 
 
-def _read(args: argparse.Namespace, path: str | None = None) -> list[dict[str, Any]]:
+def _read(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .io import read_records
 
-    records = read_records(path or args.input, split=args.split)
+    records = read_records(args.input, split=args.split)
     if args.limit is not None:
+        if args.limit < 1:
+            raise _usage_error(f"--limit: must be at least 1 (got {args.limit})")
         records = records[: args.limit]
     return records
 
 
-def _print_stats(stats: Any) -> None:
+def _source(args: argparse.Namespace) -> str:
+    """The input as named in errors (the steps refuse an empty input by this name)."""
+    return str(args.input) + (f" (split {args.split!r})" if args.split else "")
+
+
+MAX_REASONS = 5
+
+
+def _print_failures(stats: Any, c: Any) -> None:
+    """The most common failure reasons of a step, and what a rerun would do about them."""
+    reasons = list((stats.failure_reasons or {}).items())
+    if not stats.failed or not reasons:
+        return
+    shown = reasons[:MAX_REASONS]
+    more = f", top {len(shown)} of {len(reasons)}" if len(reasons) > len(shown) else ""
+    c.print(f"  {stats.step} failures by reason ({stats.failed} items{more}):",
+            markup=False, highlight=False)
+    width = len(str(shown[0][1]))
+    for reason, n in shown:
+        text = reason if len(reason) <= 160 else reason[:157] + "..."
+        c.print(f"    {n:>{width}} x {text}", markup=False, highlight=False)
+    permanent = stats.failed - stats.transient
+    if stats.transient:
+        c.print(f"  {stats.transient} transient (connection, timeout, 429/5xx): rerun the same "
+                "command to retry them"
+                + (f"; {permanent} other(s) are kept as done, --retry-failed redoes them"
+                   if permanent else ""), markup=False, highlight=False)
+    else:
+        c.print("  these are kept as done; --retry-failed redoes them", markup=False,
+                highlight=False)
+    if "failures" in stats.outputs:
+        c.print(f"  details: {stats.outputs['failures']}", markup=False, highlight=False)
+
+
+def _print_stats(stats: Any, failures: bool = True) -> None:
     from rich.console import Console
 
-    c = Console(stderr=True)
+    c = Console(stderr=True, soft_wrap=True)  # long paths and reasons stay on one line
     u = stats.usage or {}
     tokens = (f", tokens this run: {u.get('prompt_tokens', 0)} prompt + "
               f"{u.get('completion_tokens', 0)} completion, {u.get('retries', 0)} retries"
@@ -194,6 +231,8 @@ def _print_stats(stats: Any) -> None:
             style="bold", markup=False, highlight=False)
     for name, path in stats.outputs.items():  # paths may hold [brackets]: no markup
         c.print(f"  {name}: {path}", markup=False, highlight=False)
+    if failures:
+        _print_failures(stats, c)
 
 
 def _formats(args: argparse.Namespace) -> tuple[str, ...]:
@@ -201,9 +240,11 @@ def _formats(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _guard(fn: Any) -> Any:
-    """Turn input errors into a clear message and exit code 2 (no traceback)."""
+    """Turn input errors into a clear message and exit code 2, and an unreachable server into
+    one with exit code 1 (no traceback)."""
 
     def wrapped(args: argparse.Namespace) -> int:
+        from .client import ServerUnreachableError
         from .io import ClairInputError
 
         try:
@@ -211,6 +252,20 @@ def _guard(fn: Any) -> Any:
         except ClairInputError as e:
             print(f"apo-kernels clair {args.clair_command}: error: {e}", file=sys.stderr)
             return 2
+        except ServerUnreachableError as e:
+            stats = e.stats
+            step = ""
+            if stats is not None:
+                _print_stats(stats)
+                step = f"{stats.step}: " if stats.step != args.clair_command else ""
+            skipped = sum(n for r, n in (stats.failure_reasons if stats else {}).items()
+                          if r.startswith("not attempted"))
+            print(f"apo-kernels clair {args.clair_command}: error: {step}{e}\n"
+                  f"  stopped early{f' ({skipped} item(s) not attempted)' if skipped else ''}."
+                  " Check that the server is running and the URL is right, then rerun the "
+                  "same command: finished items are kept, failed ones are retried.",
+                  file=sys.stderr)
+            return 1
 
     wrapped.__doc__ = fn.__doc__
     return wrapped
@@ -225,9 +280,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stats = generate(_read(args), args.out_dir, _target_backend(args),
                      prompt_field=args.prompt_field, response_field=args.response_field,
                      system_prompt=args.system_prompt, retry_failed=args.retry_failed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, source=_source(args))
     _print_stats(stats)
-    return 0 if stats.ok or not stats.total else 1
+    return 0 if stats.ok else 1
 
 
 def _cmd_revise(args: argparse.Namespace) -> int:
@@ -238,9 +293,9 @@ def _cmd_revise(args: argparse.Namespace) -> int:
     stats = revise(_read(args), args.out_dir, _reviser_backend(args), template=template,
                    prompt_field=args.prompt_field, response_field=args.response_field,
                    check_meta=not args.allow_meta, retry_failed=args.retry_failed,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, source=_source(args))
     _print_stats(stats)
-    return 0 if stats.ok or not stats.total else 1
+    return 0 if stats.ok else 1
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -248,7 +303,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     stats = build(_read(args), args.out_dir, formats=_formats(args),
                   prompt_field=args.prompt_field, keep_identical=args.keep_identical,
-                  hf=not args.no_hf_dataset)
+                  hf=not args.no_hf_dataset, source=_source(args))
     _print_stats(stats)
     return 0
 
@@ -261,19 +316,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     template = load_template(args.template)  # fail on a bad template before any model call
     progress = not args.no_progress
     # Each step reads the previous step's output file, as when the steps are run one by one.
-    g = generate(_read(args), args.out_dir, _target_backend(args),
+    records = _read(args)
+    g = generate(records, args.out_dir, _target_backend(args),
                  prompt_field=args.prompt_field, response_field=args.response_field,
                  system_prompt=args.system_prompt, retry_failed=args.retry_failed,
-                 progress=progress)
-    _print_stats(g)
-    gen_rows = _read_plain(Path(args.out_dir) / "generations.jsonl")
-    r = revise(gen_rows, args.out_dir, _reviser_backend(args), template=template,
+                 progress=progress, source=_source(args))
+    _print_stats(g, failures=False)
+    if not g.ok:
+        return _run_stopped(args, "generate", [g])
+    gen_path = Path(args.out_dir) / "generations.jsonl"
+    r = revise(_read_plain(gen_path), args.out_dir, _reviser_backend(args), template=template,
                check_meta=not args.allow_meta, retry_failed=args.retry_failed,
-               progress=progress)
-    _print_stats(r)
-    rev_rows = _read_plain(Path(args.out_dir) / "revisions.jsonl")
+               progress=progress, source=str(gen_path))
+    _print_stats(r, failures=False)
+    if not r.ok:
+        return _run_stopped(args, "revise", [g, r])
+    rev_path = Path(args.out_dir) / "revisions.jsonl"
+    rev_rows = _read_plain(rev_path)
     b = build(rev_rows, args.out_dir, formats=_formats(args), keep_identical=args.keep_identical,
-              hf=not args.no_hf_dataset)
+              hf=not args.no_hf_dataset, source=str(rev_path))
     _print_stats(b)
     pairs = [(row["revision"], row["original"]) for row in rev_rows]
     reports = {"clair": contrastiveness_report(pairs)}
@@ -282,7 +343,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     print_report(reports, Console(stderr=True))
+    c = Console(stderr=True, soft_wrap=True)  # long reasons stay on one line
+    for st in (g, r):  # the failures last, where they are seen
+        _print_failures(st, c)
     return 0 if b.ok else 1
+
+
+def _run_stopped(args: argparse.Namespace, step: str, steps: list[Any]) -> int:
+    from rich.console import Console
+
+    c = Console(stderr=True, soft_wrap=True)
+    for st in steps:
+        _print_failures(st, c)
+    print(f"apo-kernels clair {args.clair_command}: error: {step} gave no usable result for "
+          "any item; stopping before the next step", file=sys.stderr)
+    return 1
 
 
 def _read_plain(path: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,12 @@ timeouts, connection errors, a reply that is not the protocol's JSON) with expon
 jitter, honours ``Retry-After`` (and ``retry-after-ms``), limits the number of requests in flight,
 and keeps token usage totals. :meth:`ChatClient.chat` never raises for a failed request: it
 returns a :class:`ChatResult` with ``error`` and the raw body, so the pipeline can record it.
+
+A failure is *transient* when it gave up on retryable transport faults (connection errors,
+timeouts, 408/409/429/5xx): the same request may well succeed later, so the pipeline does not
+count the item as done. It is *unreachable* when, besides, the server never answered at all
+while that request was being retried (every attempt ended in a connection error or a connect
+timeout): the pipeline then stops the whole run instead of waiting out every item.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class ChatResult:
     error: str | None = None
     status: int | None = None
     raw: str | None = None  # the last raw body when the call failed
+    transient: bool = False  # gave up on retryable transport faults: worth retrying later
+    unreachable: bool = False  # ... and no request got any reply from the server meanwhile
 
     @property
     def ok(self) -> bool:
@@ -87,9 +95,26 @@ class ChatResult:
 
 class _Retryable(Exception):
     def __init__(self, message: str, status: int | None = None, raw: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, *, transient: bool = True,
+                 connect: bool = False):
         super().__init__(message)
         self.status, self.raw, self.retry_after = status, raw, retry_after
+        self.transient = transient  # False: retried, but a permanent failure once given up
+        self.connect = connect  # the server could not be reached (no connection made)
+
+
+class ServerUnreachableError(RuntimeError):
+    """The server could not be reached at all: raised by a backend to stop a run early.
+
+    ``base_url`` is the server as configured, ``last_error`` the last request's error; the
+    backend sets ``totals`` (its usage counters) before raising, and the pipeline ``stats``.
+    """
+
+    def __init__(self, base_url: str, last_error: str) -> None:
+        super().__init__(f"cannot reach the server at {base_url}: {last_error}")
+        self.base_url, self.last_error = base_url, last_error
+        self.totals: dict[str, int] = {}
+        self.stats: Any = None
 
 
 class _Fatal(Exception):
@@ -176,6 +201,7 @@ class ChatClient:
         self._rng = random.Random(seed)
         self._sem: asyncio.Semaphore | None = None
         self._http: Any = None
+        self._last_reply: float | None = None  # monotonic time of the last HTTP response
 
     async def __aenter__(self) -> Self:
         import httpx
@@ -206,9 +232,12 @@ class ChatClient:
             try:
                 resp = await self._http.post(self.url, json=body)
             except httpx.TimeoutException as e:
-                raise _Retryable(f"timeout after {self.timeout:g}s ({type(e).__name__})") from e
+                raise _Retryable(f"timeout after {self.timeout:g}s ({type(e).__name__})",
+                                 connect=isinstance(e, httpx.ConnectTimeout)) from e
             except httpx.TransportError as e:  # connect/read errors, dropped connections
-                raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
+                raise _Retryable(f"connection error: {type(e).__name__}: {e}",
+                                 connect=isinstance(e, httpx.ConnectError)) from e
+        self._last_reply = time.monotonic()
         raw = resp.text
         if resp.status_code in RETRY_STATUS:
             raise _Retryable(f"HTTP {resp.status_code}", resp.status_code, raw,
@@ -222,8 +251,10 @@ class ChatClient:
         except (ValueError, KeyError, IndexError, TypeError):
             # A 200 whose body is not the protocol (a proxy's error page, a cut-off stream)
             # is usually transient, so it is retried like a 5xx.
+            # Once retries are spent it is a permanent failure: the server answers, just not
+            # with the protocol, and would most likely answer the same way on a rerun.
             raise _Retryable("malformed reply (not a chat-completions JSON body)",
-                             resp.status_code, raw) from None
+                             resp.status_code, raw, transient=False) from None
         text = _content_text(message.get("content") if isinstance(message, dict) else None)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         if text is None:
@@ -236,6 +267,7 @@ class ChatClient:
         body = {"model": self.model, "messages": messages, **self.params,
                 **{k: v for k, v in params.items() if v is not None}}
         attempt = 0
+        start = time.monotonic()
         while True:
             try:
                 result = await self._attempt(body)
@@ -245,9 +277,13 @@ class ChatClient:
             except _Retryable as e:
                 if attempt >= self.retry.max_retries:
                     self.totals.failed += 1
+                    # Unreachable: this request never connected, and no other request got a
+                    # reply since it started, so the server has been down all that time.
+                    silent = self._last_reply is None or self._last_reply < start
                     return ChatResult(attempts=attempt + 1,
                                       error=f"{e} (gave up after {attempt + 1} attempts)",
-                                      status=e.status, raw=e.raw)
+                                      status=e.status, raw=e.raw, transient=e.transient,
+                                      unreachable=e.connect and silent)
                 if e.retry_after is not None:
                     wait = min(e.retry_after, self.retry.retry_after_max)
                 else:

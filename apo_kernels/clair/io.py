@@ -103,6 +103,19 @@ def read_records(path: str | os.PathLike[str], split: str | None = None) -> list
     )
 
 
+def check_records(records: Sequence[dict[str, Any]], field: str, source: str,
+                  arg: str = "--prompt-field") -> None:
+    """Refuse an input with nothing to do: no records at all, or no record holding ``field``
+    (a wrong field name would otherwise surface as one error per record, or as 0 items)."""
+    if not records:
+        raise ClairInputError(f"{source}: no records (the input is empty)")
+    if not any(isinstance(r, dict) and field in r for r in records):
+        found = sorted({str(k) for r in records if isinstance(r, dict) for k in r})
+        more = f" and {len(found) - 20} more" if len(found) > 20 else ""
+        raise ClairInputError(f"{source}: no field {field!r} in any record (set it with "
+                              f"{arg}); fields found: {found[:20]}{more}")
+
+
 def validate_prompt(value: Any, where: str) -> Prompt:
     """Check that ``value`` is a non-empty string or a list of chat messages and return it."""
     if isinstance(value, str):

@@ -10,8 +10,15 @@ Each model step works in an output directory::
 An item's key is the sha256 of its input (prompt, answer, step, model identity and sampling
 settings, template hash, and which repeat of an identical input it is), so a rerun with the same
 command skips finished items, and changing the model or the template never reuses stale ones.
-Failures count as finished (a rerun does not hammer a server with the same bad request);
-``retry_failed=True`` redoes them.
+Permanent failures (an unusable reply, HTTP 4xx other than 408/409/429...) count as finished
+(a rerun does not hammer a server with the same bad request); ``retry_failed=True`` redoes them.
+Transient failures (connection errors, timeouts, 429/5xx that outlasted the retries) are
+recorded too, with ``transient: true``, but do not count as finished: a plain rerun retries them.
+
+An input with no records, or none holding the prompt field, is a :class:`ClairInputError`. When
+the server cannot be reached at all, a step writes its outputs for what it has and raises
+:class:`~apo_kernels.clair.client.ServerUnreachableError` (with ``stats`` attached) instead of
+failing every item one retry schedule at a time.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, Job, Reply
+from .client import ServerUnreachableError
 from .io import (
     ClairInputError,
     Prompt,
     as_messages,
+    check_records,
     get_field,
     render_conversation,
     response_text,
@@ -54,7 +63,9 @@ class StepStats:
     ran: int = 0  # model calls made this run
     ok: int = 0  # items with a usable result (cached or new)
     failed: int = 0
+    transient: int = 0  # failures worth retrying (not done: a plain rerun retries them)
     skipped: int = 0  # build: identical chosen/rejected; generate: existing answers used
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # error -> items, top first
     usage: dict[str, int] = field(default_factory=dict)  # this run's client totals
     stored_usage: dict[str, int] = field(default_factory=dict)  # over all stored items
     outputs: dict[str, str] = field(default_factory=dict)
@@ -99,10 +110,31 @@ def _row_index(record: dict[str, Any], i: int) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else i
 
 
+def is_transient(rec: dict[str, Any] | None) -> bool:
+    """Whether a stored record is a failure worth retrying (so not finished)."""
+    if not rec or rec.get("error") is None:
+        return False
+    if "transient" in rec:
+        return bool(rec["transient"])
+    # Stores written before failures were classified: retries given up on anything but a
+    # malformed body were transport faults.
+    err = str(rec["error"])
+    return "(gave up after" in err and not err.startswith("malformed reply")
+
+
 def _needs_run(rec: dict[str, Any] | None, retry_failed: bool, usable: bool) -> bool:
-    if rec is None:
+    if rec is None or is_transient(rec):
         return True
     return retry_failed and not usable
+
+
+NOT_ATTEMPTED = "not attempted: the run stopped early (server unreachable)"
+
+
+def _finish_failures(stats: StepStats, failures: list[dict[str, Any]]) -> None:
+    stats.transient = sum(1 for f in failures if f.get("transient"))
+    reasons = Counter(str(f.get("error")) for f in failures)
+    stats.failure_reasons = dict(reasons.most_common())
 
 
 def _write_summary(out_dir: Path, stats: StepStats) -> None:
@@ -111,22 +143,29 @@ def _write_summary(out_dir: Path, stats: StepStats) -> None:
 
 
 def _run_jobs(backend: Backend, jobs: list[Job], store: JsonlStore, step: str,
-              extra: dict[str, dict[str, Any]], progress: bool) -> dict[str, int]:
-    """Run jobs through the backend, appending each finished one to the store."""
+              extra: dict[str, dict[str, Any]], progress: bool,
+              stats: StepStats) -> ServerUnreachableError | None:
+    """Run jobs through the backend, appending each finished one to the store. Sets
+    ``stats.usage`` and ``stats.ran``; returns the backend's unreachable-server error, if any,
+    for the caller to raise once its outputs are written."""
     if not jobs:
-        return {}
+        return None
     bar = _progress(len(jobs), step, progress)
 
     def on_done(job: Job, reply: Reply) -> None:
         rec = {"key": job.key, "step": step, **extra[job.key], **asdict(reply)}
         store.append(rec)
+        stats.ran += 1
         bar.update(1)
 
     try:
-        totals = backend.run(jobs, on_done)
+        stats.usage = backend.run(jobs, on_done).as_dict()
+    except ServerUnreachableError as e:
+        stats.usage = dict(e.totals)
+        return e
     finally:
         bar.close()
-    return totals.as_dict()
+    return None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -146,13 +185,19 @@ def generate(
     system_prompt: str | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    source: str = "input records",
 ) -> StepStats:
     """Answer each prompt with the target model (``rejected`` to be).
 
     Records that already hold a non-empty answer in ``response_field`` keep it and are not sent
     to the model. Writes ``generations.jsonl`` (``prompt``, ``response``, ``source``...) and
-    ``generate.failures.jsonl`` in ``out_dir``.
+    ``generate.failures.jsonl`` in ``out_dir``. ``source`` names the input in errors.
+
+    Raises:
+        ClairInputError: no records, or none with ``prompt_field``, or a bad record.
+        ServerUnreachableError: the server could not be reached (outputs are written first).
     """
+    check_records(records, prompt_field, source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = StepStats("generate", total=len(records))
@@ -188,8 +233,7 @@ def generate(
                     extra[k] = {"index": i, "prompt": prompts[i]}
             else:
                 stats.cached += 1
-        stats.usage = _run_jobs(backend, jobs, store, "generate", extra, progress)
-        stats.ran = len(jobs)
+        stopped = _run_jobs(backend, jobs, store, "generate", extra, progress, stats)
         model_name = ident.get("model")
         for i, k in enumerate(keys):
             base = {"index": i, "key": k, "prompt": prompts[i]}
@@ -204,20 +248,29 @@ def generate(
                 stats.ok += 1
                 out_rows.append({**base, "response": rec["text"], "source": "model",
                                  "model": model_name, "finish_reason": rec.get("finish_reason")})
+            elif rec is None:  # only when the run stopped early
+                stats.failed += 1
+                failures.append({"step": "generate", **base, "error": NOT_ATTEMPTED,
+                                 "status": None, "attempts": 0, "raw": None,
+                                 "transient": True})
             else:
                 stats.failed += 1
                 failures.append({"step": "generate", **base,
-                                 "error": (rec or {}).get("error") or "empty answer",
-                                 "status": (rec or {}).get("status"),
-                                 "attempts": (rec or {}).get("attempts"),
-                                 "raw": (rec or {}).get("raw") if (rec or {}).get("error")
-                                 else (rec or {}).get("text")})
+                                 "error": rec.get("error") or "empty answer",
+                                 "status": rec.get("status"),
+                                 "attempts": rec.get("attempts"),
+                                 "raw": rec.get("raw") if rec.get("error") else rec.get("text"),
+                                 "transient": is_transient(rec)})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
     write_jsonl(out / GENERATIONS, out_rows)
     write_jsonl(out / "generate.failures.jsonl", failures)
     stats.outputs = {"generations": str(out / GENERATIONS),
                      "failures": str(out / "generate.failures.jsonl")}
+    _finish_failures(stats, failures)
     _write_summary(out, stats)
+    if stopped is not None:
+        stopped.stats = stats
+        raise stopped
     return stats
 
 
@@ -235,14 +288,21 @@ def revise(
     check_meta: bool = True,
     retry_failed: bool = False,
     progress: bool = True,
+    source: str = "input records",
 ) -> StepStats:
     """Ask the reviser to minimally improve each answer.
 
     The store keeps the reviser's raw replies; parsing happens when outputs are written, so a
     reply that cannot be parsed is a failure record holding the raw text (never a pair) and
     ``retry_failed`` redoes it. Writes ``revisions.jsonl`` (``prompt``, ``original``,
-    ``revision``, ``rationale``) and ``revise.failures.jsonl``.
+    ``revision``, ``rationale``) and ``revise.failures.jsonl``. ``source`` names the input in
+    errors.
+
+    Raises:
+        ClairInputError: no records, or none with ``prompt_field``, or a bad record.
+        ServerUnreachableError: the server could not be reached (outputs are written first).
     """
+    check_records(records, prompt_field, source)
     template = template or load_template()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,8 +345,7 @@ def revise(
                     extra[k] = {"index": rows[i]}
             else:
                 stats.cached += 1
-        stats.usage = _run_jobs(backend, jobs, store, "revise", extra, progress)
-        stats.ran = len(jobs)
+        stopped = _run_jobs(backend, jobs, store, "revise", extra, progress, stats)
         for i, k in enumerate(keys):
             rec = store.get(k)
             pr = parsed(rec, i)
@@ -297,23 +356,32 @@ def revise(
                                  "reviser": ident.get("model"), "template": template.source})
             else:
                 stats.failed += 1
-                rec = rec or {}
-                if rec.get("error") is not None:
+                if rec is None:  # only when the run stopped early
+                    failures.append({"step": "revise", **base, "kind": "request",
+                                     "error": NOT_ATTEMPTED, "status": None, "attempts": 0,
+                                     "raw": None, "transient": True})
+                elif rec.get("error") is not None:
                     failures.append({"step": "revise", **base, "kind": "request",
                                      "error": rec["error"], "status": rec.get("status"),
-                                     "attempts": rec.get("attempts"), "raw": rec.get("raw")})
+                                     "attempts": rec.get("attempts"), "raw": rec.get("raw"),
+                                     "transient": is_transient(rec)})
                 else:
                     failures.append({"step": "revise", **base, "kind": "parse",
                                      "error": pr.error if pr else "no reply",
                                      "status": rec.get("status"),
                                      "attempts": rec.get("attempts"), "raw": rec.get("text"),
-                                     "finish_reason": rec.get("finish_reason")})
+                                     "finish_reason": rec.get("finish_reason"),
+                                     "transient": False})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
     write_jsonl(out / REVISIONS, out_rows)
     write_jsonl(out / "revise.failures.jsonl", failures)
     stats.outputs = {"revisions": str(out / REVISIONS),
                      "failures": str(out / "revise.failures.jsonl")}
+    _finish_failures(stats, failures)
     _write_summary(out, stats)
+    if stopped is not None:
+        stopped.stats = stats
+        raise stopped
     return stats
 
 
@@ -348,6 +416,7 @@ def build(
     rationale_field: str = "rationale",
     keep_identical: bool = False,
     hf: bool = True,
+    source: str = "input records",
 ) -> StepStats:
     """Write the preference dataset: ``chosen`` = revision, ``rejected`` = original.
 
@@ -356,7 +425,9 @@ def build(
     equals the original carries no contrast; it is left out (listed in
     ``build.skipped.jsonl``) unless ``keep_identical``. Multi-turn prompts are flattened to a
     ``Role: content`` transcript in the plain-string form; train on the messages form then.
+    ``source`` names the input in errors.
     """
+    check_records(records, prompt_field, source)
     for f in formats:
         if f not in FORMATS:
             raise ClairInputError(f"--format: unknown form {f!r} (choose from {FORMATS})")

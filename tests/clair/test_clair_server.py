@@ -164,13 +164,22 @@ def test_pipeline_with_faults(chat_server, tmp_path):
     summary = json.loads((out / "revise.summary.json").read_text())
     assert summary["ok"] == 8
 
-    # A rerun of the same command makes no request and writes the same files.
+    # Item 5's HTTP 500s are transient: recorded, not done. The other failures are permanent.
+    assert gfail[0]["transient"] is True and g.transient == 1
+    assert not any(f["transient"] for f in rfail.values()) and r.transient == 0
+    assert g.failure_reasons == {gfail[0]["error"]: 1}
+
+    # A rerun of the same command retries only the transient failure (still failing here) and
+    # writes the same files.
     before = snapshot(out)
     n_calls = len(s.calls)
     g2, r2, _ = run_all(s, out)
-    assert len(s.calls) == n_calls and g2.ran == 0 and r2.ran == 0
-    assert (g2.cached, r2.cached) == (N - 1, N - 1)
+    assert [(c["model"], c["n"]) for c in s.calls[n_calls:]] == [("student", 5)] * (
+        MAX_RETRIES + 1)
+    assert g2.ran == 1 and r2.ran == 0
+    assert (g2.cached, r2.cached) == (N - 2, N - 1)
     assert snapshot(out) == before
+    n_calls = len(s.calls)
 
     # --retry-failed redoes exactly the failed items (and nothing else).
     run_all(s, out, retry_failed=True)
