@@ -1,0 +1,268 @@
+"""The light path without TRL: a preference loss for any causal LM, an HF ``Trainer`` that uses
+it, and a one-off reference log-prob precompute.
+
+- :func:`compute_preference_loss`: policy (and reference) backbone forward -> last hidden states
+  -> :class:`apo_kernels.FusedLinearPreferenceLoss` over the model's own output embedding. No
+  ``[tokens, vocab]`` logits; the reference runs forward-only. Use it in any loop (Accelerate,
+  plain PyTorch) with batches from :class:`~apo_kernels.integrations.collator.PreferenceCollator`.
+- :class:`PreferenceTrainer`: ``transformers.Trainer`` whose ``compute_loss`` is the above, logging
+  TRL's metric names (``rewards/margins``, ``rewards/accuracies``, ...).
+- :func:`precompute_ref_logps`: run the reference once over a dataset (progress bar) and add
+  ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, so no reference model is kept in memory.
+
+The reference is, in order: ``ref_chosen_logps``/``ref_rejected_logps`` in the batch, the
+``ref_model`` given, or, for a PEFT policy, the same model with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..preference import (
+    FusedLinearPreferenceLoss,
+    PreferenceLossOutput,
+    fused_linear_preference_loss,
+)
+from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
+from .collator import PreferenceCollator
+from .transformers import head_transform, hidden_states, output_head, unwrap_model
+
+__all__ = ["PreferenceTrainer", "compute_preference_loss", "model_inputs", "precompute_ref_logps"]
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Tensor]:
+    """The backbone's inputs from a collated batch (``input_ids``, ``attention_mask`` or ``position_ids``)."""
+    if "input_ids" not in batch or "labels" not in batch:
+        raise ValueError(
+            f"a preference batch needs `input_ids` and `labels` (from PreferenceCollator); got {sorted(batch)}"
+        )
+    out = {k: batch[k] for k in _MODEL_KEYS if k in batch and batch[k] is not None}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _shifted(batch: dict[str, Any], hidden: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Align hidden states with next-token labels: ``hidden[:, :-1]``, ``labels[:, 1:]`` and, for a
+    packed batch, per-token sequence ids of the labels (``[N - 1]``)."""
+    labels = batch["labels"].to(device)[:, 1:]
+    seq_ids = None
+    if "cu_seqlens" in batch and batch["cu_seqlens"] is not None:
+        cu = batch["cu_seqlens"].to(device)
+        seq_ids = seq_ids_from_cu_seqlens(cu, batch["input_ids"].shape[-1])[1:]
+    return hidden[:, :-1], labels, seq_ids
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dict[str, Tensor]
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    with torch.no_grad():
+        if ref_model is not None:
+            ref_weight, ref_bias = output_head(ref_model)
+            return hidden_states(ref_model, **inputs), ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+        if _is_peft(model):
+            # The frozen base model is the reference: same head, adapters off.
+            with model.disable_adapter():
+                return hidden_states(model, **inputs), None, None
+    raise ValueError(
+        "no reference: pass `ref_model`, precomputed `ref_chosen_logps`/`ref_rejected_logps` in the "
+        "batch (see precompute_ref_logps), or train a PEFT model (its base is the reference)"
+    )
+
+
+def compute_preference_loss(
+    model: nn.Module,
+    batch: dict[str, Any],
+    loss_fn: FusedLinearPreferenceLoss | None = None,
+    *,
+    ref_model: nn.Module | None = None,
+) -> PreferenceLossOutput:
+    """Preference loss of a causal LM on one collated batch, without ``[tokens, vocab]`` logits.
+
+    Args:
+        model: the policy (a transformers causal LM, possibly PEFT-wrapped).
+        batch: from :class:`PreferenceCollator` (padded or packed), tensors on any device.
+        loss_fn: the loss configuration (default: APO-zero, beta 0.1). Its ``softcap`` and
+            ``logit_scale`` are taken from the model's config when left at their defaults.
+        ref_model: the frozen reference, unless the batch holds precomputed reference log-probs.
+
+    Returns:
+        :class:`~apo_kernels.PreferenceLossOutput` (``loss`` differentiable, ``metrics`` detached).
+    """
+    loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
+    weight, bias = output_head(model)
+    device = weight.device
+    inputs = model_inputs(batch, device)
+    hidden, labels, seq_ids = _shifted(batch, hidden_states(model, **inputs), device)
+
+    config = dict(loss_fn.config)
+    transform = head_transform(unwrap_model(model).config)
+    if config["softcap"] is None:
+        config["softcap"] = transform.softcap
+    if config["logit_scale"] == 1.0:
+        config["logit_scale"] = transform.logit_scale
+
+    ref: dict[str, Any] = {}
+    if batch.get("ref_chosen_logps") is not None and batch.get("ref_rejected_logps") is not None:
+        ref["ref_chosen_logps"] = batch["ref_chosen_logps"].to(device)
+        ref["ref_rejected_logps"] = batch["ref_rejected_logps"].to(device)
+    else:
+        ref_hidden, ref_weight, ref_bias = _reference_hidden(model, ref_model, inputs)
+        ref.update(ref_hidden=ref_hidden[:, :-1].to(device), ref_weight=ref_weight, ref_bias=ref_bias)
+        if ref_weight is None:
+            ref["ref_bias"] = None if bias is None else bias.detach()
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
+        hidden = hidden.to(weight.dtype)
+    if "ref_hidden" in ref:
+        rw = ref["ref_weight"] if ref["ref_weight"] is not None else weight
+        if ref["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
+            ref["ref_hidden"] = ref["ref_hidden"].to(rw.dtype)
+    return fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **ref, **config)
+
+
+@torch.no_grad()
+def precompute_ref_logps(
+    ref_model: nn.Module,
+    dataset: Any,
+    collator: PreferenceCollator,
+    *,
+    batch_size: int = 8,
+    reduction: str = "sum",
+    ld_alpha: float | None = None,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> Any:
+    """Score every pair of ``dataset`` once with the reference, forward-only.
+
+    Args:
+        ref_model: the reference causal LM (its device is used; with a PEFT model, adapters are
+            disabled while scoring, so the base model is the reference).
+        dataset: a ``datasets.Dataset`` or a list of records.
+        collator: turns records into batches (the same truncation as training).
+        batch_size: pairs per forward.
+        reduction, ld_alpha: must match the loss's sequence reduction.
+        temperature: as in the loss.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        the dataset with fp32 ``ref_chosen_logps`` and ``ref_rejected_logps`` columns (a new
+        ``datasets.Dataset``, or a new list of dicts).
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from ..ops import linear_logprobs
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError("`dataset` is empty: nothing to score")
+    weight, bias = output_head(ref_model)
+    transform = head_transform(unwrap_model(ref_model).config)
+    device = weight.device
+    was_training = ref_model.training
+    ref_model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    adapters_off = ref_model.disable_adapter() if _is_peft(ref_model) else contextlib.nullcontext()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    try:
+        with adapters_off:
+            for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=not progress):
+                inputs = model_inputs(batch, device)
+                hidden, labels, seq_ids = _shifted(batch, hidden_states(ref_model, **inputs), device)
+                tok = linear_logprobs(hidden.to(weight.dtype), weight, labels, bias, temperature=temperature,
+                                      logit_scale=transform.logit_scale, softcap=transform.softcap)
+                mask = labels != -100
+                if seq_ids is None:
+                    seq = padded_sequence_logps(tok, mask, reduction=reduction, ld_alpha=ld_alpha).logps
+                else:
+                    seq = packed_sequence_logps(tok[0], seq_ids=seq_ids, mask=mask[0],
+                                                num_seqs=batch["cu_seqlens"].numel() - 1,
+                                                reduction=reduction, ld_alpha=ld_alpha).logps
+                b = seq.shape[0] // 2
+                chosen += seq[:b].float().tolist()
+                rejected += seq[b:].float().tolist()
+    finally:
+        ref_model.train(was_training)
+    if hasattr(dataset, "add_column"):
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            if name in dataset.column_names:
+                dataset = dataset.remove_columns(name)
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+    return [{**dict(ex), "ref_chosen_logps": c, "ref_rejected_logps": r}
+            for ex, c, r in zip(dataset, chosen, rejected)]
+
+
+def _trainer_base() -> type:
+    from transformers import Trainer
+
+    return Trainer
+
+
+class PreferenceTrainer(_trainer_base()):
+    """``transformers.Trainer`` for APO / DPO on preference records, via our fused loss.
+
+    Args:
+        model: the policy causal LM (or PEFT model).
+        args: ``TrainingArguments``; ``remove_unused_columns`` is forced off (the collator needs
+            the raw ``prompt``/``chosen``/``rejected`` fields).
+        ref_model: the frozen reference; not needed when the dataset carries
+            ``ref_chosen_logps``/``ref_rejected_logps`` or the policy is a PEFT model.
+        loss_fn: the loss (default ``FusedLinearPreferenceLoss("apo_zero", beta=0.1)``).
+        data_collator: default ``PreferenceCollator(processing_class)``.
+        other arguments: as for ``transformers.Trainer`` (``train_dataset``, ``eval_dataset``,
+            ``processing_class``, ``callbacks``, ...).
+
+    Logged: ``loss`` plus the loss's metrics averaged over the logging window, under TRL's names.
+    """
+
+    def __init__(self, model: nn.Module, args: Any = None, *, ref_model: nn.Module | None = None,
+                 loss_fn: FusedLinearPreferenceLoss | None = None, data_collator: Any = None,
+                 processing_class: Any = None, **kwargs: Any) -> None:
+        if args is not None:
+            args.remove_unused_columns = False
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("give `processing_class` (the tokenizer) or a `data_collator`")
+            data_collator = PreferenceCollator(processing_class)
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         processing_class=processing_class, **kwargs)
+        self.loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+            ref_model.to(self.args.device)
+        self._pref_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        out = compute_preference_loss(model, inputs, self.loss_fn, ref_model=self.ref_model)
+        mode = "train" if model.training else "eval"
+        for k, v in out.metrics.items():
+            self._pref_metrics[mode][k].append(float(v))
+        return (out.loss, out) if return_outputs else out.loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for k, values in self._pref_metrics[mode].items():
+            if values:
+                logs[prefix + k] = sum(values) / len(values)
+        self._pref_metrics[mode].clear()
+        super().log(logs, start_time)
