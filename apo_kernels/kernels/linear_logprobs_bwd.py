@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accurate_tanh, dot_dtype, input_precision, transform_logits
+from .common import accurate_tanh, dot_dtype, input_precision
 from .configs import backward_config
-from .logit_tile import raw_logit_tile
+from .logit_tile import transformed_logit_tile
 
 _LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
 
@@ -49,13 +49,10 @@ def _logit_grad_tile(
 ):
     """Returns ``(dacc, keep)``: the fp32 gradient of the raw logit tile (zero outside the
     valid rows/columns) and whether any entry is large enough to be worth the GEMMs."""
-    acc = raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
-                         stride_hn, stride_hd, stride_wv, stride_wd,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
-    z, jac = transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+    z, jac = transformed_logit_tile(
+        h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
+        stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
     row_max = tl.load(max_ptr + rows, mask=n_valid, other=0.0)
     log_norm = tl.load(lognorm_ptr + rows, mask=n_valid, other=0.0)
     g = tl.load(g_ptr + rows, mask=n_valid, other=0.0)

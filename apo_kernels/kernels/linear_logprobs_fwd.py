@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, input_precision, transform_logits
+from .common import dot_dtype, input_precision
 from .configs import forward_config, vocab_splits
-from .logit_tile import raw_logit_tile
+from .logit_tile import transformed_logit_tile
 
 # Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
 _M, _S1, _ZY, _U, _S2, _SUMZ, _MAXBEFORE = range(7)
@@ -69,13 +69,10 @@ def _forward_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         v = v0 + tl.arange(0, BLOCK_V)
         v_valid = v < V
-        acc = raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
-                             stride_hn, stride_hd, stride_wv, stride_wd,
-                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
-        z, _ = transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        z, _ = transformed_logit_tile(
+            h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
+            stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         z = tl.where(v_valid[None, :], z, neg_inf)
 
         m_new = tl.maximum(m, tl.max(z, 1))

@@ -1,9 +1,11 @@
-"""The shared inner loop: one ``[BLOCK_N, BLOCK_V]`` tile of raw logits ``h[rows] @ W[v].T``."""
+"""The shared inner loop: one ``[BLOCK_N, BLOCK_V]`` tile of logits ``h[rows] @ W[v].T``."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .common import transform_logits
 
 
 @triton.jit
@@ -29,3 +31,20 @@ def raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
                     mask=d_valid[:, None] & v_valid[None, :], other=0.0)
         acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def transformed_logit_tile(h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
+                           stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``(z, jac)``: the tile after bias, scale, softcap and temperature, and ``dz/d(raw)``
+    (see ``common.transform_logits``). Forward and backward recompute exactly this."""
+    acc = raw_logit_tile(h_ptr, w_ptr, rows, n_valid, v, v_valid, D,
+                         stride_hn, stride_hd, stride_wv, stride_wd,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + v, mask=v_valid, other=0.0).to(tl.float32)
+    return transform_logits(acc, bias, scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
