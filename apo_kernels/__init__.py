@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from .losses import LOSS_TYPES, preference_loss, preference_rewards, unpaired_preference_loss
 from .ops import LinearLogprobsOutput, linear_logprobs
 from .ops.preference_head import preference_head
+from .ops.skip_stats import SkipStats, count_skipped_tiles
 from .preference import FusedLinearPreferenceLoss, PreferenceLossOutput, fused_linear_preference_loss
 from .sequence import packed_sequence_logps, padded_sequence_logps
 
@@ -24,4 +25,6 @@ __all__ = [
     "padded_sequence_logps",
     "packed_sequence_logps",
     "preference_head",
+    "count_skipped_tiles",
+    "SkipStats",
 ]

@@ -141,3 +141,48 @@ def test_backends_agree_on_split_and_unsplit_vocab(backend):
     Both must match the oracle (the interpreter's split target is 8 programs)."""
     for n in (3, 150):
         _run_case(backend, torch.float32, {}, n=n, d=20, v=700, stats=True, entropy=True, ignore_frac=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_preskip_from_forward_tile_max_is_exact_and_skips_recomputes(dtype):
+    """The backward's pre-skip (from the forward's per-tile max logits) only drops tiles the
+    filter would drop after recomputing them: gradients are bitwise those of the plain filter,
+    and on peaked logits some tiles are skipped before any recompute."""
+    from apo_kernels import count_skipped_tiles
+
+    # V large next to a 16-token block: most vocabulary tiles hold no token's peak, so some
+    # are provably skippable whatever the draw.
+    hidden, weight, labels, bias = make_inputs(70, 40, 2000, dtype, peaked=True, bias=True,
+                                               ignore_frac=0.2)
+    g = torch.randn(70)
+    grads, stats = {}, {}
+    for record in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with count_skipped_tiles() as st:
+            out = torch.ops.apo_kernels.linear_logprobs_fwd(
+                *leaves[:2], labels, leaves[2], -100, 1.0, 20.0, 1.0, False, False, "triton",
+                2.0**-12, False, record)
+            (out[0] * g).sum().backward()
+        grads[record], stats[record] = [t.grad for t in leaves], st
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+    assert stats[True].tiles == stats[False].tiles > 0
+    assert stats[False].skipped_before_recompute == 0
+    assert stats[True].skipped_before_recompute > 0
+    assert stats[True].skipped_fraction == stats[False].skipped_fraction
+
+
+def test_public_call_records_tile_max_only_when_a_filtered_backward_will_run(monkeypatch):
+    import sys
+
+    op = sys.modules["apo_kernels.ops.linear_logprobs"]  # the module, not the function
+    seen = []
+    real = op._tile_max_buffer
+    monkeypatch.setattr(op, "_tile_max_buffer", lambda h, n, v, record: seen.append(record) or real(h, n, v, record))
+    hidden, weight, labels, _ = make_inputs(20, 16, 100, torch.bfloat16)
+    linear_logprobs(hidden, weight, labels, backend="triton")                     # no grad needed
+    linear_logprobs(hidden.requires_grad_(), weight, labels, backend="triton")    # filtered backward
+    linear_logprobs(hidden, weight, labels, backend="triton", filter_eps=None)    # exact
+    linear_logprobs(hidden, weight, labels, backend="triton", deterministic=True)
+    linear_logprobs(hidden, weight, labels, backend="torch")
+    assert seen == [False, True, False, False, False]

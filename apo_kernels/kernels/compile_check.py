@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from . import linear_logprobs_bwd as bwd
 from . import linear_logprobs_fwd as fwd
 from . import preference_head as head
-from .configs import TileConfig, all_configs
+from .configs import TileConfig, all_configs, forward_config
 
 _PTR_TYPES = {"rows_ptr": "*i64", "labels_ptr": "*i64", "top1_ptr": "*i8", "cu_ptr": "*i64"}
 _INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")
@@ -89,10 +89,13 @@ def _kernel_variants(dtype: torch.dtype, cfg: TileConfig, family: str, full_flag
                 DOT_DTYPE=tl_dtype, INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                 stride_hd=1, stride_wd=1, HAS_BIAS=flag, HAS_SOFTCAP=flag, WITH_ENTROPY=flag)
     if family == "forward":
-        yield fwd._forward_kernel, dict(base, WITH_STATS=flag)
+        yield fwd._forward_kernel, dict(base, WITH_STATS=flag, RECORD_TILE_MAX=flag)
         return
     grads = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=flag)
-    yield bwd._backward_atomic_kernel, dict(base, FILTER=flag, GROUP_N=cfg.group_n, **grads)
+    # PRESKIP is only used without an entropy gradient; "all" still compiles it with one.
+    preskip = dict(PRESKIP=flag, COUNT_SKIPS=flag, FWD_BLOCK_V=forward_config(dtype).block_v)
+    yield bwd._backward_atomic_kernel, dict(base, FILTER=flag, GROUP_N=cfg.group_n, **grads,
+                                            **preskip)
     yield bwd._backward_dh_kernel, dict(base, FILTER=flag)
     yield bwd._backward_dw_kernel, dict(base, FILTER=flag, COMPUTE_DW=True, COMPUTE_DB=flag)
 

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import skip_stats
 from .common import accurate_tanh, dot_dtype, input_precision
-from .configs import backward_config
+from .configs import backward_config, forward_config
 from .logit_tile import transformed_logit_tile
 
 _LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
@@ -82,12 +83,13 @@ def _logit_grad_tile(
 @triton.jit
 def _backward_atomic_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-    dh_ptr, dw_ptr, db_ptr,
+    dh_ptr, dw_ptr, db_ptr, tmax_ptr, skips_ptr,
     M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    scale, softcap, inv_temp, filter_eps,
+    scale, softcap, inv_temp, filter_eps, tmax_stride,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, PRESKIP: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
+    COUNT_SKIPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -107,32 +109,54 @@ def _backward_atomic_kernel(
     rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
     v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_valid = v < V
-    dacc, keep = _logit_grad_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-        rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
-        scale, softcap, inv_temp, filter_eps,
-        HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, False, FILTER,
-        BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-    if keep:
-        if COMPUTE_DB:
-            tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid)
-        dacc_op = dacc.to(DOT_DTYPE)
-        v64 = v.to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_valid = d < D
-            if COMPUTE_DH:
-                w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
-                            mask=v_valid[:, None] & d_valid[None, :], other=0.0)
-                dh = tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-                tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
-                              mask=n_valid[:, None] & d_valid[None, :])
-            if COMPUTE_DW:
-                h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
-                            mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-                dw = tl.dot(tl.trans(dacc_op), h.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-                tl.atomic_add(dw_ptr + v64[:, None] * D + d[None, :], dw,
-                              mask=v_valid[:, None] & d_valid[None, :])
+    worth_recomputing = True
+    if PRESKIP:
+        # Skip before the recompute: the forward recorded each token's max logit in each of
+        # its (FWD_BLOCK_V-wide, a multiple of BLOCK_V) tiles, so p_v <= exp(tile_max - lse)
+        # for every v here. Without an entropy gradient |dacc| = p |g| jac <= p |g| scale/T,
+        # so p_bound <= filter_eps means the filter below would drop this tile anyway: the
+        # result is identical, the 2 N D V recompute FLOPs of the tile are saved.
+        tmax = tl.load(tmax_ptr + rows * tmax_stride + (pid_v * BLOCK_V) // FWD_BLOCK_V,
+                       mask=n_valid, other=float("-inf"))
+        row_max = tl.load(max_ptr + rows, mask=n_valid, other=0.0)
+        log_norm = tl.load(lognorm_ptr + rows, mask=n_valid, other=0.0)
+        p_bound = tl.exp((tmax - row_max) - log_norm)
+        # `<=` so that NaN counts as large, as in the filter.
+        worth_recomputing = tl.max(tl.where(p_bound <= filter_eps, 0, 1)) > 0
+        if COUNT_SKIPS:
+            if not worth_recomputing:
+                tl.atomic_add(skips_ptr, 1)
+    if worth_recomputing:
+        dacc, keep = _logit_grad_tile(
+            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
+            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            scale, softcap, inv_temp, filter_eps,
+            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, False, FILTER,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+        if COUNT_SKIPS:
+            if not keep:
+                tl.atomic_add(skips_ptr + 1, 1)
+        if keep:
+            if COMPUTE_DB:
+                tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid)
+            dacc_op = dacc.to(DOT_DTYPE)
+            v64 = v.to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_valid = d < D
+                if COMPUTE_DH:
+                    w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
+                                mask=v_valid[:, None] & d_valid[None, :], other=0.0)
+                    dh = tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                    tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
+                                  mask=n_valid[:, None] & d_valid[None, :])
+                if COMPUTE_DW:
+                    h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
+                                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                    dw = tl.dot(tl.trans(dacc_op), h.to(DOT_DTYPE),
+                                input_precision=INPUT_PRECISION)
+                    tl.atomic_add(dw_ptr + v64[:, None] * D + d[None, :], dw,
+                                  mask=v_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -280,6 +304,7 @@ def triton_backward(
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
+    tile_max: torch.Tensor | None = None,
 ) -> None:
     """Accumulate the tile (non-label) part of the gradients into fp32 buffers.
 
@@ -291,6 +316,9 @@ def triton_backward(
         expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] - m and dL/dH, or None without entropy.
         grad_hidden ``[N, D]``, grad_weight ``[V, D]``, grad_bias ``[V]``: zero-initialised
             contiguous fp32 buffers, or None when that gradient is not needed.
+        tile_max: the forward's per-tile max logits (``triton_forward(tile_max=...)``) or None;
+            used to skip tiles before their recompute in the filtered atomic mode without an
+            entropy gradient (the result is the same as without it).
 
     Atomic mode applies the label term with a sparse per-token kernel after the tiles;
     deterministic mode keeps it inside the tiles.
@@ -317,15 +345,25 @@ def triton_backward(
              float(filter_eps or 0.0))
     n_blocks, v_blocks = triton.cdiv(num_rows, cfg.block_n), triton.cdiv(V, cfg.block_v)
     if not deterministic:
+        fwd_block_v = forward_config(hidden.dtype).block_v
+        preskip = (tile_max is not None and filter_eps is not None and not with_entropy
+                   and fwd_block_v % cfg.block_v == 0)
+        count = skip_stats.counting()
+        skips = torch.zeros(2, device=hidden.device, dtype=torch.int32) if count else dummy
         _backward_atomic_kernel[(n_blocks * v_blocks,)](
             *inputs,
             grad_hidden if grad_hidden is not None else dummy,
             grad_weight if grad_weight is not None else dummy,
             grad_bias if grad_bias is not None else dummy,
-            *sizes,
+            tile_max if preskip else dummy, skips,
+            *sizes, tile_max.stride(0) if preskip else 0,
             COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
-            COMPUTE_DB=grad_bias is not None, GROUP_N=cfg.group_n, **common,
+            COMPUTE_DB=grad_bias is not None, PRESKIP=preskip, FWD_BLOCK_V=fwd_block_v,
+            COUNT_SKIPS=count, GROUP_N=cfg.group_n, **common,
         )
+        if count:
+            before, after = skips.tolist()
+            skip_stats.record(n_blocks * v_blocks, before, after)
         _label_term_kernel[(num_rows,)](
             hidden, weight, bias if bias is not None else dummy, rows, labels, grad_logp,
             grad_hidden if grad_hidden is not None else dummy,

@@ -40,11 +40,11 @@ NUM_PARTIALS = 7
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, part_ptr, tmax_ptr,
     M, V, D, stride_hn, stride_hd, stride_wv, stride_wd, tiles_per_split, part_stride,
-    scale, softcap, inv_temp,
+    tmax_stride, scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, RECORD_TILE_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -74,8 +74,13 @@ def _forward_kernel(
             stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         z = tl.where(v_valid[None, :], z, neg_inf)
+        tile_max = tl.max(z, 1)
+        if RECORD_TILE_MAX:
+            # Lets the backward bound max_v p = exp(tile_max - lse) and skip the whole tile,
+            # recompute included (1/BLOCK_V of the logits' size).
+            tl.store(tmax_ptr + rows * tmax_stride + v0 // BLOCK_V, tile_max, mask=n_valid)
 
-        m_new = tl.maximum(m, tl.max(z, 1))
+        m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])  # 0 at masked entries
         if WITH_ENTROPY:
@@ -153,6 +158,11 @@ def _merge_kernel(
         tl.store(lsp2_ptr + rows, tl.log(s2) - 2.0 * log_s1, mask=n_valid)
 
 
+def tile_max_columns(vocab_size: int, dtype: torch.dtype) -> int:
+    """Columns of the per-tile max buffer: one per forward vocabulary tile."""
+    return triton.cdiv(vocab_size, forward_config(dtype).block_v)
+
+
 def triton_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -166,6 +176,7 @@ def triton_forward(
     with_entropy: bool,
     with_stats: bool,
     outputs: dict[str, torch.Tensor],
+    tile_max: torch.Tensor | None = None,
 ) -> None:
     """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
 
@@ -177,6 +188,8 @@ def triton_forward(
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
             when asked, ``entropy``,
             ``mean_logit``, ``log_sum_p2``; int8 ``[N]`` ``is_top1``.
+        tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]``: each kept token's max
+            transformed logit in each forward vocabulary tile, for the backward's pre-skip.
     """
     num_rows = rows.numel()
     V, D = weight.shape
@@ -188,11 +201,12 @@ def triton_forward(
     partials = torch.empty((NUM_PARTIALS, splits, num_rows), device=hidden.device, dtype=torch.float32)
     _forward_kernel[(token_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden, rows, labels, partials,
+        tile_max if tile_max is not None else partials,
         num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        tiles_per_split, splits * num_rows,
+        tiles_per_split, splits * num_rows, tile_max.stride(0) if tile_max is not None else 0,
         float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, RECORD_TILE_MAX=tile_max is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

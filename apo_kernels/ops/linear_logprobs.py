@@ -64,12 +64,13 @@ def _forward_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
     ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float,
     with_entropy: bool, with_stats: bool, backend: str,
-    filter_eps: Optional[float], deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    filter_eps: Optional[float], deterministic: bool, record_tile_max: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden ``[N, D]``, labels ``[N]`` -> fp32 ``[N]`` logp, ``[2, N]`` normaliser (row max m
     and log s1 with lse = m + log s1, kept apart for the backward's precision), entropy,
-    mean_logit, is_top1 (bool), log_sum_p2; optional ones are empty ``[0]`` when not asked for.
-    ``filter_eps``/``deterministic`` are unused here and carried for the backward."""
+    mean_logit, is_top1 (bool), log_sum_p2, and the Triton forward's per-tile max logits
+    ``[N, tiles]`` (``record_tile_max``, for the backward's pre-skip); optional ones are empty
+    ``[0]`` when not asked for. ``filter_eps``/``deterministic`` are carried for the backward."""
     n = labels.shape[0]
     vocab = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -86,10 +87,12 @@ def _forward_op(
     ignored = labels == ignore_index
     rows = (~ignored).nonzero().squeeze(1)
     check_label_values(labels, rows, vocab)
+    tile_max = _tile_max_buffer(hidden, n, vocab, record_tile_max)
     if rows.numel() > 0:
+        extra = {"tile_max": tile_max} if record_tile_max else {}
         _run_forward(backend, hidden, weight, bias, labels, rows, outputs, logit_scale=logit_scale,
                      softcap=softcap, temperature=temperature, with_entropy=with_entropy,
-                     with_stats=with_stats)
+                     with_stats=with_stats, **extra)
     for out in outputs.values():  # [N] each (row_max and log_norm are views of norm)
         out.masked_fill_(ignored, 0)
 
@@ -100,26 +103,36 @@ def _forward_op(
         return torch.empty(_EMPTY, device=hidden.device, dtype=dtype)
 
     return (outputs["logp"], norm, present("entropy"), present("mean_logit"),
-            present("is_top1", torch.bool), present("log_sum_p2"))
+            present("is_top1", torch.bool), present("log_sum_p2"), tile_max)
+
+
+def _tile_max_buffer(hidden: Tensor, n: int, vocab: int, record: bool) -> Tensor:
+    """``[N, tiles]`` fp32, written at the kept rows only (the backward reads only those)."""
+    if not record:
+        return hidden.new_empty(_EMPTY, dtype=torch.float32)
+    from ..kernels.linear_logprobs_fwd import tile_max_columns
+
+    return hidden.new_empty((n, tile_max_columns(vocab, hidden.dtype)), dtype=torch.float32)
 
 
 @_forward_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
-      with_entropy, with_stats, backend, filter_eps, deterministic):
+      with_entropy, with_stats, backend, filter_eps, deterministic, record_tile_max):
     n = labels.shape[0]
 
     def sized(present: bool, dtype: torch.dtype = torch.float32) -> Tensor:
         return hidden.new_empty((n,) if present else _EMPTY, dtype=dtype)
 
-    return (sized(True), hidden.new_empty((2, n), dtype=torch.float32), sized(with_entropy), sized(with_stats),
-            sized(with_stats, torch.bool), sized(with_stats))
+    return (sized(True), hidden.new_empty((2, n), dtype=torch.float32), sized(with_entropy),
+            sized(with_stats), sized(with_stats, torch.bool), sized(with_stats),
+            _tile_max_buffer(hidden, n, weight.shape[0], record_tile_max))
 
 
 @torch.library.custom_op("apo_kernels::linear_logprobs_bwd", mutates_args=())
 def _backward_op(
     grad_logp: Tensor, grad_entropy: Optional[Tensor],
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-    norm: Tensor, entropy: Optional[Tensor],
+    norm: Tensor, entropy: Optional[Tensor], tile_max: Optional[Tensor],
     ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float,
     backend: str, filter_eps: Optional[float], deterministic: bool,
     needs_hidden: bool, needs_weight: bool, needs_bias: bool,
@@ -145,7 +158,8 @@ def _backward_op(
             if backend == "triton":
                 from ..kernels.linear_logprobs_bwd import triton_backward
 
-                triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic, **kwargs)
+                triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic,
+                                tile_max=tile_max, **kwargs)
             else:
                 reference.torch_backward(*args, **kwargs)
 
@@ -156,7 +170,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, labels, bias, norm, entropy, ignore_index,
+def _(grad_logp, grad_entropy, hidden, weight, labels, bias, norm, entropy, tile_max, ignore_index,
       logit_scale, softcap, temperature, backend, filter_eps, deterministic,
       needs_hidden, needs_weight, needs_bias):
     return (hidden.new_empty(hidden.shape if needs_hidden else _EMPTY),
@@ -166,30 +180,31 @@ def _(grad_logp, grad_entropy, hidden, weight, labels, bias, norm, entropy, igno
 
 def _setup_context(ctx, inputs, output) -> None:
     (hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
-     with_entropy, _with_stats, backend, filter_eps, deterministic) = inputs
-    logp, norm, entropy, mean_logit, is_top1, log_sum_p2 = output
-    ctx.mark_non_differentiable(norm, mean_logit, is_top1, log_sum_p2)
-    ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy if with_entropy else None)
+     with_entropy, _with_stats, backend, filter_eps, deterministic, record_tile_max) = inputs
+    logp, norm, entropy, mean_logit, is_top1, log_sum_p2, tile_max = output
+    ctx.mark_non_differentiable(norm, mean_logit, is_top1, log_sum_p2, tile_max)
+    ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy if with_entropy else None,
+                          tile_max if record_tile_max else None)
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, filter_eps,
                    deterministic)
     ctx.with_entropy = with_entropy
 
 
 def _backward(ctx, grad_logp, _grad_norm, grad_entropy, *_non_differentiable):
-    hidden, weight, labels, bias, norm, entropy = ctx.saved_tensors
+    hidden, weight, labels, bias, norm, entropy, tile_max = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
-        return (None,) * 13
+        return (None,) * 14
     if grad_logp is None:
         grad_logp = torch.zeros_like(norm[0])
     if not ctx.with_entropy:
         grad_entropy = None
     grad_hidden, grad_weight, grad_bias = torch.ops.apo_kernels.linear_logprobs_bwd(
         grad_logp, grad_entropy, hidden, weight, labels, bias, norm,
-        entropy if grad_entropy is not None else None, *ctx.options,
+        entropy if grad_entropy is not None else None, tile_max, *ctx.options,
         needs_hidden, needs_weight, bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
-            grad_bias if needs_bias else None) + (None,) * 9
+            grad_bias if needs_bias else None) + (None,) * 10
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -265,11 +280,16 @@ def linear_logprobs(
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()  # kernels and gathers index with int64
-    logp, _norm, entropy, mean_logit, is_top1, log_sum_p2 = torch.ops.apo_kernels.linear_logprobs_fwd(
+    # The per-tile max (1/BLOCK_V of the logits' size) is only worth recording for a filtered
+    # Triton backward that will actually run.
+    record_tile_max = (resolved == "triton" and eps is not None and not deterministic
+                       and torch.is_grad_enabled()
+                       and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
+    logp, _norm, entropy, mean_logit, is_top1, log_sum_p2, _tmax = torch.ops.apo_kernels.linear_logprobs_fwd(
         flat_hidden, weight, flat_labels, bias, int(ignore_index), float(logit_scale),
         None if softcap is None else float(softcap), float(temperature),
         bool(return_entropy), bool(return_stats), resolved,
-        None if eps is None else float(eps), bool(deterministic))
+        None if eps is None else float(eps), bool(deterministic), record_tile_max)
     logp = logp.view(shape)
     if not (return_entropy or return_stats):
         return logp
