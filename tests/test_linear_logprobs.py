@@ -186,3 +186,17 @@ def test_public_call_records_tile_max_only_when_a_filtered_backward_will_run(mon
     linear_logprobs(hidden, weight, labels, backend="triton", deterministic=True)
     linear_logprobs(hidden, weight, labels, backend="torch")
     assert seen == [False, True, False, False, False]
+
+
+def test_entropy_asked_as_a_metric_keeps_the_preskip():
+    """TRL asks for entropy on every call but never differentiates it: its unused gradient
+    must not count as an entropy gradient (which would switch the pre-skip off)."""
+    from apo_kernels import count_skipped_tiles
+
+    hidden, weight, labels, _ = make_inputs(40, 32, 2000, torch.float32, peaked=True)
+    h = hidden.requires_grad_()
+    with count_skipped_tiles() as stats:
+        out = linear_logprobs(h, weight, labels, backend="triton", return_entropy=True,
+                              filter_eps=2.0**-12)
+        out.logprobs.sum().backward()
+    assert stats.skipped_before_recompute > 0 and stats.skipped_after_recompute == 0

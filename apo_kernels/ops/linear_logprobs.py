@@ -183,6 +183,9 @@ def _setup_context(ctx, inputs, output) -> None:
      with_entropy, _with_stats, backend, filter_eps, deterministic, record_tile_max) = inputs
     logp, norm, entropy, mean_logit, is_top1, log_sum_p2, tile_max = output
     ctx.mark_non_differentiable(norm, mean_logit, is_top1, log_sum_p2, tile_max)
+    # An output no loss used (e.g. entropy asked for as a metric, as TRL does) must arrive as
+    # None, not as zeros: an entropy gradient switches off the backward's pre-skip.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy if with_entropy else None,
                           tile_max if record_tile_max else None)
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, filter_eps,
