@@ -262,16 +262,8 @@ def generate(
                                  "raw": rec.get("raw") if rec.get("error") else rec.get("text"),
                                  "transient": is_transient(rec)})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
-    write_jsonl(out / GENERATIONS, out_rows)
-    write_jsonl(out / "generate.failures.jsonl", failures)
-    stats.outputs = {"generations": str(out / GENERATIONS),
-                     "failures": str(out / "generate.failures.jsonl")}
-    _finish_failures(stats, failures)
-    _write_summary(out, stats)
-    if stopped is not None:
-        stopped.stats = stats
-        raise stopped
-    return stats
+    return _finish_step(out, stats, "generate", ("generations", GENERATIONS), out_rows, failures,
+                        stopped)
 
 
 # ----------------------------------------------------------------------------- revise
@@ -373,10 +365,21 @@ def revise(
                                      "finish_reason": rec.get("finish_reason"),
                                      "transient": False})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
-    write_jsonl(out / REVISIONS, out_rows)
-    write_jsonl(out / "revise.failures.jsonl", failures)
-    stats.outputs = {"revisions": str(out / REVISIONS),
-                     "failures": str(out / "revise.failures.jsonl")}
+    return _finish_step(out, stats, "revise", ("revisions", REVISIONS), out_rows, failures,
+                        stopped)
+
+
+def _finish_step(out, stats, step: str, output: tuple[str, str], rows: list, failures: list,
+                 stopped):
+    """Write a step's outputs, failures and summary; re-raise an early stop with the stats.
+
+    ``output`` is ``(name in stats.outputs, file name)``.
+    """
+    name, filename = output
+    failures_file = out / f"{step}.failures.jsonl"
+    write_jsonl(out / filename, rows)
+    write_jsonl(failures_file, failures)
+    stats.outputs = {name: str(out / filename), "failures": str(failures_file)}
     _finish_failures(stats, failures)
     _write_summary(out, stats)
     if stopped is not None:
