@@ -21,10 +21,11 @@ import torch
 from ..losses import preference_loss
 from ..preference import fused_linear_preference_loss
 from ..reference import oracle_linear_logprobs
+from ..verify import TOLERANCE
 
 __all__ = ["check_preference", "TOLERANCES"]
 
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+TOLERANCES = TOLERANCE  # the op's per-dtype tolerances, one table for every check
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
