@@ -130,3 +130,26 @@ def predict(strategy: Strategy, problem: Problem, rates: DeviceRates,
         problem = replace(problem, skip=0.0)
     launches = strategy.build(problem, rates, options)
     return Prediction(strategy.name, problem, rates, tuple(time_launch(l, rates) for l in launches))
+
+
+def skip_to_reach_floor(strategy: Strategy, problem: Problem, rates: DeviceRates,
+                        options: Options | None = None) -> float | None:
+    """The smallest pre-skip fraction at which the prediction reaches the 6NDV floor (fraction
+    >= 1), or None when no fraction below 0.999 does (or the strategy cannot skip)."""
+    from dataclasses import replace
+
+    if not strategy.skips:
+        return None
+
+    def fraction(f: float) -> float:
+        return predict(strategy, replace(problem, skip=f), rates, options).floor_fraction
+
+    lo, hi = 0.0, 0.999
+    if fraction(lo) >= 1.0:
+        return 0.0
+    if fraction(hi) < 1.0:
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fraction(mid) >= 1.0 else (mid, hi)
+    return hi
