@@ -10,7 +10,7 @@ import math
 import pytest
 
 from apo_kernels.cli import main
-from apo_kernels.costmodel import STRATEGIES, HEADS, Options, Problem, device, parse_shape, predict
+from apo_kernels.costmodel import HEADS, STRATEGIES, Options, Problem, device, parse_shape, predict
 from apo_kernels.costmodel.launch import Launch
 from apo_kernels.costmodel.peers import PEERS
 from apo_kernels.costmodel.predict import skip_to_reach_floor, time_launch
@@ -220,12 +220,11 @@ def test_cli_puts_measurements_beside_predictions(tmp_path, capsys):
     with bench.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
-        w.writerow(dict(device="NVIDIA H100 80GB HBM3", provider="ordinary", mode="forward+backward",
-                        n=16384, d=4096, v=128256, status="ok", median_ms="123.45", peak_above_inputs_mib="1"))
-        w.writerow(dict(device="NVIDIA H100 80GB HBM3", provider="trl", mode="forward+backward",
-                        n=16384, d=4096, v=128256, status="ok", median_ms="150.5", peak_above_inputs_mib="1"))
-        w.writerow(dict(device="NVIDIA A100-SXM4-80GB", provider="ours", mode="forward",
-                        n=16384, d=4096, v=128256, status="ok", median_ms="9", peak_above_inputs_mib="1"))
+        for dev, provider, mode, ms in (("NVIDIA H100 80GB HBM3", "ordinary", "forward+backward", "123.45"),
+                                        ("NVIDIA H100 80GB HBM3", "trl", "forward+backward", "150.5"),
+                                        ("NVIDIA A100-SXM4-80GB", "ours", "forward", "9")):
+            w.writerow({"device": dev, "provider": provider, "mode": mode, "n": 16384, "d": 4096,
+                        "v": 128256, "status": "ok", "median_ms": ms, "peak_above_inputs_mib": "1"})
     assert main(["model", "--device", "h100", "--shapes", "llama-3-8b", "--strategy", "ordinary",
                  "--measured", str(bench), "--no-peers"]) == 0
     out = capsys.readouterr().out

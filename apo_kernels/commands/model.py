@@ -14,9 +14,7 @@ import sys
 
 
 def _rate(text: str) -> tuple[str, float]:
-    from ..costmodel.rates import DeviceRates
-
-    from ..costmodel.rates import TC_EFFICIENCY
+    from ..costmodel.rates import TC_EFFICIENCY, DeviceRates
 
     name, _, value = text.partition("=")
     fields = {f.name for f in dataclasses.fields(DeviceRates)} - {"key", "name", "tc_efficiency"}

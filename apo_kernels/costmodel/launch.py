@@ -58,7 +58,7 @@ class Launch:
 
 
 def cdiv(a: float, b: float) -> int:
-    return int(math.ceil(a / b))
+    return math.ceil(a / b)
 
 
 def l2_hit(working_set: float, usable: float) -> float:

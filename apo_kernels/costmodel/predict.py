@@ -104,7 +104,7 @@ class Prediction:
 
     def totals(self) -> dict[str, float]:
         """Sums over launches: FLOPs, bytes, atomics, and seconds per resource."""
-        out = dict(tc_flops=0.0, hbm_bytes=0.0, atomics=0.0, launches=0)
+        out = {"tc_flops": 0.0, "hbm_bytes": 0.0, "atomics": 0.0, "launches": 0}
         for t in self.times:
             c = t.launch.count
             out["tc_flops"] += t.launch.tc_flops * c

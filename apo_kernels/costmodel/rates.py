@@ -7,9 +7,9 @@ under every table the model prints. Change a number with ``dataclasses.replace``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping
 
 # Fraction of the *measured* dense bf16 GEMM rate that a GEMM of this kind reaches. "cublas" is
 # the reference (1.0 by definition); the Triton tile classes are guesses to replace with
@@ -88,24 +88,24 @@ def assumption_lines(rates: DeviceRates) -> list[str]:
     eff = ", ".join(f"{k} {v:.2f}" for k, v in rates.tc_efficiency.items())
     return [
         f"device: {rates.name}, {rates.sms} SMs, L2 {rates.l2_bytes / 1e6:.0f} MB (datasheet)",
-        f"bf16 dense GEMM: {rates.bf16_peak_tflops:.0f} TFLOP/s peak (datasheet), "
-        f"{rates.bf16_measured_tflops:.0f} TFLOP/s used (measured cuBLAS rate on H100 SXM; "
-        "assumed the same on H200, same compute)",
-        f"tensor-core efficiency vs the measured rate, per GEMM kind: {eff} "
-        "(cuBLAS = 1 by definition; the Triton tile classes are GUESSES)",
-        f"HBM: {rates.hbm_tbps:.2f} TB/s peak (datasheet) x {rates.hbm_efficiency:.2f} achievable "
-        "(GUESS)",
-        f"L2 reuse: {rates.l2_usable_fraction:.0%} of L2 holds re-used tiles; a re-read working "
-        "set W larger than that hits L2 for a fraction usable/W, misses go to HBM (ASSUMED); "
-        "the L2->SM bandwidth is not a separate roofline (its cost is in the tile efficiencies)",
-        f"fp32 epilogue math: {rates.fp32_alu_tops:.1f} T lane-ops/s (67 TFLOP/s fp32 datasheet, "
-        f"FMA = 2 FLOPs), MUFU {rates.sfu_tops:.1f} T ops/s (FlashAttention-3 paper); per-logit op "
-        "counts read off the kernels (docs/cost_model.md)",
-        f"fp32 atomic adds resolved in L2: {rates.atomic_tadds:.1f}e12/s (GUESS: about one "
-        "atomic per L2 slice per clock, x4 for sm_90's vector REDG.F32x4; uncertain 2-3x)",
-        f"acq_rel atomics: each fenced atomic instruction stalls its program {rates.fence_us:.2f} "
-        "us (one loaded L2 round trip, GUESS); relaxed atomics (REDG) do not stall",
-        f"per launch: time = max(compute, HBM bytes / bandwidth, atomics / atomic rate) + fence "
-        f"stalls + {rates.launch_us:.0f} us fixed launch overhead (GUESS); compute = tensor-core "
-        "time / wave efficiency + epilogue math (serial inside a fused Triton kernel)",
+        (f"bf16 dense GEMM: {rates.bf16_peak_tflops:.0f} TFLOP/s peak (datasheet), "
+         f"{rates.bf16_measured_tflops:.0f} TFLOP/s used (measured cuBLAS rate on H100 SXM; "
+         "assumed the same on H200, same compute)"),
+        (f"tensor-core efficiency vs the measured rate, per GEMM kind: {eff} "
+         "(cuBLAS = 1 by definition; the Triton tile classes are GUESSES)"),
+        (f"HBM: {rates.hbm_tbps:.2f} TB/s peak (datasheet) x {rates.hbm_efficiency:.2f} achievable "
+         "(GUESS)"),
+        (f"L2 reuse: {rates.l2_usable_fraction:.0%} of L2 holds re-used tiles; a re-read working "
+         "set W larger than that hits L2 for a fraction usable/W, misses go to HBM (ASSUMED); "
+         "the L2->SM bandwidth is not a separate roofline (its cost is in the tile efficiencies)"),
+        (f"fp32 epilogue math: {rates.fp32_alu_tops:.1f} T lane-ops/s (67 TFLOP/s fp32 datasheet, "
+         f"FMA = 2 FLOPs), MUFU {rates.sfu_tops:.1f} T ops/s (FlashAttention-3 paper); per-logit op "
+         "counts read off the kernels (docs/cost_model.md)"),
+        (f"fp32 atomic adds resolved in L2: {rates.atomic_tadds:.1f}e12/s (GUESS: about one "
+         "atomic per L2 slice per clock, x4 for sm_90's vector REDG.F32x4; uncertain 2-3x)"),
+        (f"acq_rel atomics: each fenced atomic instruction stalls its program {rates.fence_us:.2f} "
+         "us (one loaded L2 round trip, GUESS); relaxed atomics (REDG) do not stall"),
+        (f"per launch: time = max(compute, HBM bytes / bandwidth, atomics / atomic rate) + fence "
+         f"stalls + {rates.launch_us:.0f} us fixed launch overhead (GUESS); compute = tensor-core "
+         "time / wave efficiency + epilogue math (serial inside a fused Triton kernel)"),
     ]

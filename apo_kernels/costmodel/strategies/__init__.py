@@ -6,9 +6,9 @@ whether the backward pre-skip applies to it, and one line saying what it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 from ..launch import Launch
 from ..problem import Options, Problem
