@@ -257,3 +257,12 @@ def test_rate_overrides_change_the_prediction(capsys):
                  "--skip-fraction", "0", "--no-peers", "--pivot"]) == 0
     assert faster != capsys.readouterr().out
     assert math.isfinite(predict(STRATEGIES["ordinary"], p, slow).total_s)
+
+
+def test_only_sxm_gpus_map_to_the_model_rates():
+    from apo_kernels.costmodel.measured import device_key
+
+    assert device_key("NVIDIA H100 80GB HBM3") == "h100"
+    assert device_key("NVIDIA H200") == "h200"
+    assert device_key("NVIDIA H100 PCIe") is None
+    assert device_key("NVIDIA A100-SXM4-80GB") is None

@@ -32,8 +32,10 @@ class Measurement:
 
 
 def device_key(name: str) -> str | None:
-    """``h100`` / ``h200`` from a GPU name such as ``NVIDIA H100 80GB HBM3``, else None."""
+    """``h100`` / ``h200`` from an SXM GPU's name such as ``NVIDIA H100 80GB HBM3``, else None."""
     low = name.lower()
+    if "pcie" in low or "nvl" in low:  # other clocks, SM counts and memory: not the SXM rates
+        return None
     for key in DEVICES:
         if key in low:
             return key
