@@ -266,3 +266,13 @@ def test_only_sxm_gpus_map_to_the_model_rates():
     assert device_key("NVIDIA H200") == "h200"
     assert device_key("NVIDIA H100 PCIe") is None
     assert device_key("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_cli_draws_a_rich_table_on_a_terminal(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["model", "--device", "h100", "--shapes", "1024x256x4096", "--strategy", "fused-owner",
+                 "--skip-fraction", "0", "--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTION" in out and "│" in out and "| device |" not in out
