@@ -20,7 +20,8 @@ def _rate(text: str) -> tuple[str, float]:
     fields = {f.name for f in dataclasses.fields(DeviceRates)} - {"key", "name", "tc_efficiency"}
     fields |= {f"tc.{kind}" for kind in TC_EFFICIENCY}
     if name not in fields:
-        raise argparse.ArgumentTypeError(f"--rate NAME=VALUE: NAME must be one of {sorted(fields)}, got {name!r}")
+        raise argparse.ArgumentTypeError(
+            f"--rate NAME=VALUE: NAME must be one of {sorted(fields)}, got {name!r}")
     try:
         return name, float(value)
     except ValueError:
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                         continue  # cuBLAS and PyTorch paths compute every tile anyway
                     pr = predict(strat, dataclasses.replace(prob, skip=f), rates, options)
                     reach = skip_to_reach_floor(strat, prob, rates, options)
-                    summary.append(report.summary_row(pr, reach, measured_ms(strat.name, prob, rates.key)))
+                    seen = measured_ms(strat.name, prob, rates.key)
+                    summary.append(report.summary_row(pr, reach, seen))
                     csv_rows += report.csv_rows(pr, reach)
                     if args.launches:
                         launch_tables.append(pr)
@@ -180,14 +182,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_peers:
         rows = []
         for peer in PEERS:
-            rates = next((d for d in devices if d.key == peer.device), None) or device(peer.device, **overrides)
+            rates = next((d for d in devices if d.key == peer.device), None)
+            rates = rates or device(peer.device, **overrides)
             prob = Problem(n=peer.n, d=peer.d, v=peer.v, name=peer.peer)
             row = {"peer (published, measured by them)": peer.peer, "device": peer.device,
                    "N x D x V": peer.shape, "phase": peer.phase,
                    "published ms": "-" if peer.ms is None else f"{peer.ms:.2f}",
                    "published TFLOP/s": "-" if peer.tflops is None else f"{peer.tflops:.0f}",
                    "published GiB": "-" if peer.memory_gib is None else f"{peer.memory_gib:.1f}",
-                   "floor ms (pred.)": f"{_phase_flops(peer.phase) * prob.ndv / rates.gemm_flops * 1e3:.2f}"}
+                   "floor ms (pred.)": report._ms(_phase_flops(peer.phase) * prob.ndv / rates.gemm_flops)}
             for strat in strategies:
                 pr = predict(strat, prob, rates, options)
                 value = {"forward": pr.forward_s, "backward": pr.backward_s}.get(peer.phase, pr.total_s)
@@ -237,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
              f"{options.owner_dz_budget_mib:g} MiB; chunked-cublas logits [C, V] within "
              f"{options.chunk_logits_budget_mib:g} MiB; dW accumulation in chunked-cublas: "
              f"{options.dw_accum}")
-    out.text("- the pre-skip fraction is an input (measure it on your data: benchmarks/skip_fraction.py); "
+    out.text("- the pre-skip fraction is an input (measure it on your data: "
+             "benchmarks/skip_fraction.py); "
              "cuBLAS/PyTorch strategies compute every tile; 'skip for floor' = the fraction at "
              "which a fused strategy would reach the floor")
     out.text("- details and sources: docs/cost_model.md")

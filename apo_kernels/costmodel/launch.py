@@ -66,16 +66,21 @@ def l2_hit(working_set: float, usable: float) -> float:
     return 1.0 if working_set <= usable else usable / working_set
 
 
-def gemm_hbm(m: int, n: int, a_bytes: float, b_bytes: float, *, sms: int,
+def gemm_hbm(m: int, n: int, a_bytes: float, b_bytes: float, *, sms: int, l2_usable: float,
              tile: int = 128, resident: int = 1) -> tuple[float, str]:
     """HBM bytes read for the operands of ``C[m, n] = A[m, k] @ B[k, n]`` (A, B bytes given).
 
-    L2 assumption: the programs of one wave cover a square super-tile of about
-    ``sqrt(sms * resident) * tile`` outputs per side and step through K together, so each
-    wave reads its A and B panels from HBM once: A is read ``ceil(n / side)`` times and B
-    ``ceil(m / side)`` times (grouped launch order, as cuBLAS and Triton's tutorial use).
+    L2 assumption: when the smaller operand fits the usable L2 it stays there while the other
+    streams through once (both read once). Otherwise the programs of one wave cover a square
+    super-tile of about ``sqrt(sms * resident) * tile`` outputs per side and step through K
+    together, so each wave reads its A and B panels from HBM once: A is read ``ceil(n / side)``
+    times and B ``ceil(m / side)`` times (grouped launch order, as cuBLAS and Triton's tutorial).
     """
+    if min(a_bytes, b_bytes) <= l2_usable:
+        return a_bytes + b_bytes, (f"smaller operand ({min(a_bytes, b_bytes) / 1e6:.0f} MB) stays in "
+                                   "L2, both read once")
     side = max(tile, int(math.sqrt(sms * resident)) * tile)
     reads = a_bytes * cdiv(n, side) + b_bytes * cdiv(m, side)
-    note = f"GEMM panels re-read once per {side}x{side} output super-tile (A x{cdiv(n, side)}, B x{cdiv(m, side)})"
+    note = (f"GEMM panels re-read once per {side}x{side} output super-tile "
+            f"(A x{cdiv(n, side)}, B x{cdiv(m, side)})")
     return reads, note

@@ -55,7 +55,8 @@ def read_measurements(path: str) -> tuple[list[Measurement], list[str]]:
     skipped: dict[str, int] = {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"device", "provider", "mode", "n", "d", "v", "status", "median_ms"} - set(reader.fieldnames or ())
+        need = {"device", "provider", "mode", "n", "d", "v", "status", "median_ms"}
+        missing = need - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: not a bench.csv (missing columns {sorted(missing)})")
         for raw in reader:

@@ -57,7 +57,8 @@ def time_launch(launch: Launch, rates: DeviceRates) -> LaunchTime:
     atomics = launch.atomics / (rates.atomic_tadds * 1e12)
     stall = 0.0
     if launch.fences_per_program and launch.grid:
-        stall = launch.grid / (rates.sms * launch.resident) * launch.fences_per_program * rates.fence_us * 1e-6
+        waves = launch.grid / (rates.sms * launch.resident)
+        stall = waves * launch.fences_per_program * rates.fence_us * 1e-6
     overhead = rates.launch_us * 1e-6
     one = max(compute, memory, atomics) + stall + overhead
     c = launch.count

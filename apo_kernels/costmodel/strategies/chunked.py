@@ -33,7 +33,8 @@ def chunk_tokens(p: Problem, o: Options, out_bytes: int) -> tuple[int, int]:
 
 def _logits_gemm(p: Problem, r: DeviceRates, c: float, out_bytes: int, phase: str, count: int,
                  name: str) -> Launch:
-    reads, note = gemm_hbm(int(c), p.v, c * p.d * p.in_bytes, p.v * p.d * p.in_bytes, sms=r.sms)
+    reads, note = gemm_hbm(int(c), p.v, c * p.d * p.in_bytes, p.v * p.d * p.in_bytes, sms=r.sms,
+                           l2_usable=r.l2_usable)
     return Launch(name=name, phase=phase, engine="cublas", tc=((2.0 * c * p.d * p.v, "cublas"),),
                   hbm_read=reads, hbm_write=c * p.v * out_bytes, count=count,
                   l2=note + f"; logits written to HBM ({out_bytes} B each)")
@@ -61,11 +62,11 @@ def launches(p: Problem, r: DeviceRates, o: Options, *, out_bytes: int = 4,
                       count=chunks, serial_epilogue=False,
                       l2="one streaming read + write of the buffer"))
     dz = logits * p.in_bytes
-    a5, n5 = gemm_hbm(int(c), p.d, dz, p.v * p.d * p.in_bytes, sms=r.sms)
+    a5, n5 = gemm_hbm(int(c), p.d, dz, p.v * p.d * p.in_bytes, sms=r.sms, l2_usable=r.l2_usable)
     out.append(Launch(name="cuBLAS dH_c = dz @ W", phase=grad_phase, engine="cublas",
                       tc=((2.0 * c * p.d * p.v, "cublas"),), hbm_read=a5,
                       hbm_write=c * p.d * p.in_bytes, count=chunks, l2=n5))
-    a6, n6 = gemm_hbm(p.v, p.d, dz, c * p.d * p.in_bytes, sms=r.sms)
+    a6, n6 = gemm_hbm(p.v, p.d, dz, c * p.d * p.in_bytes, sms=r.sms, l2_usable=r.l2_usable)
     if o.dw_accum == "gemm":
         out.append(Launch(name="cuBLAS dW += dz.T @ h_c (fp32 C, beta=1)", phase=grad_phase,
                           engine="cublas", tc=((2.0 * c * p.d * p.v, "cublas"),),

@@ -81,13 +81,15 @@ def backward(p: Problem, r: DeviceRates, o: Options) -> list[Launch]:
         hbm_write=dz_bytes + tb * vc / BV, grid=int(tb * cdiv(vc, BV)), resident=1, count=chunks,
         l2=f"GROUP_N={GROUP_N} token blocks share each W tile in L2 ({groups} W passes per chunk); "
            "H read once per chunk; dz written for kept tiles only")
-    a2, note2 = gemm_hbm(int(vc), p.d, dz_bytes, p.n * p.d * p.in_bytes, sms=r.sms)
+    a2, note2 = gemm_hbm(int(vc), p.d, dz_bytes, p.n * p.d * p.in_bytes, sms=r.sms,
+                         l2_usable=r.l2_usable)
     k2 = Launch(
         name="K2 dW[chunk] = dz.T @ H (owner)", phase="backward", engine="triton",
         tc=((gemm, "triton-128x128"),), hbm_read=a2 + tb * vc / BV, hbm_write=vc * p.d * FP32,
         grid=int(cdiv(vc, BV) * cdiv(p.d, BN)), resident=1, count=chunks,
         l2=note2 + "; fp32 dW tile written once")
-    a3, note3 = gemm_hbm(p.n, p.d, dz_bytes, vc * p.d * p.in_bytes * keep, sms=r.sms)
+    a3, note3 = gemm_hbm(p.n, p.d, dz_bytes, vc * p.d * p.in_bytes * keep, sms=r.sms,
+                         l2_usable=r.l2_usable)
     k3 = Launch(
         name="K3 dH += dz @ W[chunk] (owner)", phase="backward", engine="triton",
         tc=((gemm, "triton-128x128"),), hbm_read=a3 + tb * vc / BV + p.n * p.d * FP32,

@@ -16,9 +16,9 @@ from .common import FP32
 def launches(p: Problem, r: DeviceRates, o: Options) -> list[Launch]:
     nv = float(p.n) * p.v
     b = p.in_bytes
-    a1, n1 = gemm_hbm(p.n, p.v, p.n * p.d * b, p.v * p.d * b, sms=r.sms)
-    a2, n2 = gemm_hbm(p.n, p.d, nv * b, p.v * p.d * b, sms=r.sms)
-    a3, n3 = gemm_hbm(p.v, p.d, nv * b, p.n * p.d * b, sms=r.sms)
+    a1, n1 = gemm_hbm(p.n, p.v, p.n * p.d * b, p.v * p.d * b, sms=r.sms, l2_usable=r.l2_usable)
+    a2, n2 = gemm_hbm(p.n, p.d, nv * b, p.v * p.d * b, sms=r.sms, l2_usable=r.l2_usable)
+    a3, n3 = gemm_hbm(p.v, p.d, nv * b, p.n * p.d * b, sms=r.sms, l2_usable=r.l2_usable)
     stream = "streaming, [N, V] far larger than L2"
     return [
         Launch(name="logits = h @ W.T (cuBLAS)", phase="forward", engine="cublas",
