@@ -15,7 +15,7 @@
 #   4. the end-to-end DPOTrainer step (TRL default vs our kernels), 0.5B Qwen2-shaped model
 #   5. tests/test_gpu.py with APO_TEST_CUDA=1, in whatever time is left
 # Files written to $OUT (at most 8 come back): env.txt, check.txt, bench.csv, bench.md, e2e.csv,
-# gpu_tests.txt, log.txt.
+# gpu_tests.txt, log.txt, model_vs_measured.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +73,9 @@ if (( BENCH_S > 30 )); then
 fi
 [[ -f "$OUT/bench.csv" ]] && $PY benchmarks/to_markdown.py "$OUT/bench.csv" --n 16384 --logits all \
     --out "$OUT/bench.md" && cat "$OUT/bench.md"
+# measured beside the cost model's predictions (same shapes; see docs/cost_model.md)
+[[ -f "$OUT/bench.csv" ]] && $PY -m apo_kernels.cli model --measured "$OUT/bench.csv" --markdown \
+    > "$OUT/model_vs_measured.md" 2>&1
 
 echo "== 4. end-to-end DPOTrainer step [$(left) s left]"
 E2E_S=$(( $(left) - 20 ))
