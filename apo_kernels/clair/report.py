@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from .io import ClairInputError, read_records, response_text
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -40,7 +41,8 @@ def tokenize(text: str) -> list[str]:
 
 def pair_metrics(chosen: str, rejected: str) -> dict[str, float]:
     """Contrastiveness metrics of one pair (see the module docstring)."""
-    from rapidfuzz.distance import Levenshtein
+    Levenshtein = require("rapidfuzz.distance", "clair",
+                          what="the CLAIR contrastiveness report").Levenshtein
 
     tc, tr = tokenize(chosen), tokenize(rejected)
     sc, sr = set(tc), set(tr)
@@ -134,8 +136,7 @@ def write_json(reports: dict[str, dict[str, Any]], path: str | os.PathLike[str])
 def write_histograms(reports: dict[str, dict[str, Any]],
                      out_dir: str | os.PathLike[str], bins: int = 30) -> list[str]:
     """One PNG per plotted metric, datasets overlaid. Returns the paths written."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "clair", what="CLAIR histograms")
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
