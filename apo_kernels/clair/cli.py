@@ -119,7 +119,8 @@ def _api_key(env_name: str | None, arg: str) -> str | None:
     # to whatever --base-url points at (a local vLLM, a colleague's server).
     if env_name is None:
         return None
-    key = os.environ.get(env_name)
+    # A key read from a file keeps its newline, which is an illegal header value: strip it.
+    key = (os.environ.get(env_name) or "").strip()
     if not key:
         raise _usage_error(f"{arg}: environment variable {env_name} is not set")
     return key

@@ -25,11 +25,11 @@ from urllib.parse import quote
 REDACTED = "[REDACTED]"
 
 # "Bearer <token>" anywhere (headers, echoed request dumps, error pages).
-_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;}\]]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)(?!\[REDACTED\])[^\s\"',;}\]]+")
 # Header-style "Authorization: <value>" / "api-key=<value>" / JSON "x-api-key": "<value>".
 _HEADER = re.compile(
     r"(?i)(\b(?:authorization|proxy-authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?)"
-    r"(?!bearer\s)(?!\[REDACTED\])[^\s\"',;}\]]+"
+    r"(?!bearer\s)(?!\[REDACTED\])(?:(?:basic|digest|token|apikey|key)\s+)?[^\s\"',;}\]]+"
 )
 # OpenAI-style keys, whole or masked ("sk-proj-****abcd"); 6+ characters after the prefix so
 # ordinary words with a "sk-" in them are left alone.
