@@ -113,7 +113,7 @@ def parse_json_revision(raw: str | None, finish_reason: str | None = None,
         return ParseResult.fail("empty reply")
     obj = _json_object(raw)
     if obj is None:
-        if finish_reason == "length":
+        if finish_reason == "length" and "{" in raw:
             return ParseResult.fail("reply truncated (finish_reason=length) before the JSON "
                                     "object closed")
         return ParseResult.fail("reply is not a JSON object with 'revised_answer'")
