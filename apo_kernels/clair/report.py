@@ -18,6 +18,7 @@ Per pair:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -110,7 +111,7 @@ CELL_LEGEND = ("each cell: mean | median [p10, p90], where p10 and p90 are the 1
 
 def _fmt(value: float, integer: bool) -> str:
     if integer:
-        return str(round(value)) if value == value else "nan"  # no "-0" for -0.4
+        return str(round(value)) if math.isfinite(value) else str(value)  # no "-0" for -0.4
     return f"{value:.3f}"
 
 

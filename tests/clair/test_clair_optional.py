@@ -10,8 +10,8 @@ import pytest
 from clair_testlib import student_answer
 
 from apo_kernels._optional import MissingDependency, require
-from apo_kernels.cli import main as top_main
 from apo_kernels.clair.cli import main
+from apo_kernels.cli import main as top_main
 
 HINT = "pip install 'apo-kernels[clair]'"
 
@@ -40,6 +40,8 @@ def files(tmp_path):
 
 
 # (module hidden, command line, what the message names)
+RUN = ("run -i {prompts} -o {out} --model student --base-url {url} --reviser-model teacher "
+       "--reviser-base-url {url}")
 CASES = [
     ("httpx", "generate -i {prompts} -o {out} --model student --base-url {url}",
      "CLAIR requests to a server needs httpx"),
@@ -51,21 +53,17 @@ CASES = [
      "--gguf-file needs gguf"),
     ("accelerate", "generate -i {prompts} -o {out} --model /no/such/dir --gguf-file m.gguf",
      "--gguf-file needs accelerate"),
-    ("gguf", "revise -i {gens} -o {out} --reviser-model /no/such/dir "
-             "--reviser-gguf-file m.gguf", "--reviser-gguf-file needs gguf"),
+    ("gguf", "revise -i {gens} -o {out} --reviser-model /no/such/dir --reviser-gguf-file m.gguf",
+     "--reviser-gguf-file needs gguf"),
     ("tqdm", "generate -i {prompts} -o {out} --model student --base-url {url}",
      "CLAIR progress output needs tqdm"),
     ("datasets", "build -i {revs} -o {out}",
      "writing an HF datasets directory (or pass --no-hf-dataset) needs datasets"),
     ("rapidfuzz", "report {pairs}", "clair report's contrastiveness report needs rapidfuzz"),
-    ("matplotlib", "report {pairs} --plots-dir {out}", "clair report's histograms needs "
-                                                       "matplotlib"),
-    ("rapidfuzz", "run -i {prompts} -o {out} --model student --base-url {url} "
-                  "--reviser-model teacher --reviser-base-url {url}",
-     "clair run's contrastiveness report needs rapidfuzz"),
-    ("matplotlib", "run -i {prompts} -o {out} --model student --base-url {url} "
-                   "--reviser-model teacher --reviser-base-url {url}",
-     "clair run's histograms needs matplotlib"),
+    ("matplotlib", "report {pairs} --plots-dir {out}",
+     "clair report's histograms needs matplotlib"),
+    ("rapidfuzz", RUN, "clair run's contrastiveness report needs rapidfuzz"),
+    ("matplotlib", RUN, "clair run's histograms needs matplotlib"),
 ]
 
 
