@@ -3,8 +3,8 @@ format where it does not.
 
 Weak revisers ignore output formats written in a prompt (SmolLM2-135M on llama.cpp broke the
 tagged format on 10 of 10 revisions). Servers with constrained decoding (vLLM, llama.cpp's
-server, OpenAI, TGI) accept ``response_format`` with a JSON schema and then *cannot* produce
-anything else, so the reviser is asked for::
+server, OpenAI, among others) accept ``response_format`` with a JSON schema and then *cannot*
+produce anything else, so the reviser is asked for::
 
     {"reasoning": "...", "revised_answer": "..."}
 
