@@ -9,10 +9,11 @@ returns a :class:`ChatResult` with ``error`` and the raw body, so the pipeline c
 
 A failure is *transient* when it gave up on retryable transport faults (connection errors,
 timeouts, 408/409/429/5xx): the same request may well succeed later, so the pipeline does not
-count the item as done. It is *unreachable* when, besides, its last attempt could not connect,
-the server has sent no reply to any request since this one lost contact with it, and every other
-request in flight is failing to connect too: the server is gone (never started, or died in the
-middle of the step), and the pipeline stops the whole run instead of waiting out every item.
+count the item as done. It is *unreachable* when its last attempt could not connect, the server
+has sent no reply to any request since this one lost contact with it, and every other request in
+flight is failing to connect too: the server is gone (never started, or died in the middle of
+the step). The request then ends without waiting out its retries once it has failed to connect
+``RetryPolicy.gone_after`` times in a row, and the pipeline stops the whole run.
 
 The API key never leaves the client in anything it returns: error messages, raw bodies and reply
 text pass through :class:`~apo_kernels.clair.redact.Redactor` (servers echo keys in 401 bodies).
@@ -45,12 +46,19 @@ class RetryPolicy:
     ``d = min(backoff_max, backoff_base * 2**k)`` ("equal jitter": exponential, but spread so that
     many clients hit by the same outage do not come back in lockstep). A ``Retry-After`` header
     replaces that delay, capped at ``retry_after_max``.
+
+    Retries ride out faults of a server that is up. A server that is gone is not waited for:
+    once a request has failed to connect ``gone_after`` times in a row, with no reply from the
+    server to anyone since it lost contact and every other request in flight failing to
+    connect too, the request ends as *unreachable* before its retries are spent (and the
+    pipeline stops the run).
     """
 
     max_retries: int = 6
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     retry_after_max: float = 300.0
+    gone_after: int = 2
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         d = min(self.backoff_max, self.backoff_base * (2**attempt))
@@ -131,6 +139,7 @@ class _Flight:
 
     lost_since: float | None = None  # when its current run of reply-less attempts began
     connect_failed: bool = False  # its last finished attempt could not connect
+    connect_streak: int = 0  # attempts in a row that could not connect
 
 
 class _Fatal(Exception):
@@ -323,13 +332,18 @@ class ChatClient:
                 else:
                     flight.lost_since = None
                 flight.connect_failed = e.connect
-                if attempt >= self.retry.max_retries:
+                flight.connect_streak = flight.connect_streak + 1 if e.connect else 0
+                spent = attempt >= self.retry.max_retries
+                gone = e.connect and (spent or flight.connect_streak >= self.retry.gone_after)
+                gone = gone and self._server_down(flight)
+                if spent or gone:
                     self.totals.failed += 1
+                    why = "; the server is not answering" if gone and not spent else ""
                     return ChatResult(attempts=attempt + 1,
                                       error=self.redact(f"{e} (gave up after {attempt + 1} "
-                                                        "attempts)"),
+                                                        f"attempts{why})"),
                                       status=e.status, raw=e.raw, transient=e.transient,
-                                      unreachable=e.connect and self._server_down(flight))
+                                      unreachable=gone)
                 if e.retry_after is not None:
                     wait = min(e.retry_after, self.retry.retry_after_max)
                 else:
