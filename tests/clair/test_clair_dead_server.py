@@ -115,3 +115,31 @@ def test_server_killed_mid_step_stops_the_run(tmp_path, server_process, capsys):
                  (out / "generate.store.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in gen_store if r["error"] is None) == list(range(n))
     assert len(read_records(out / "pairs.jsonl")) == n
+
+
+def test_a_server_still_answering_a_request_is_not_gone(chat_server):
+    """The server stops taking connections while one request is still being answered: the
+    other request fails to connect, but the server is not declared gone (it is busy, and the
+    slow reply does arrive)."""
+    import asyncio
+
+    from apo_kernels.clair.client import ChatClient, RetryPolicy
+
+    s = chat_server
+    s.always[("student", 1)] = "slow:1.5"
+
+    async def scenario():
+        retry = RetryPolicy(max_retries=3, backoff_base=0.05, backoff_max=0.1)
+        async with ChatClient(s.base_url, "student", retry=retry, timeout=5) as c:
+            slow = asyncio.create_task(c.chat([{"role": "user", "content": prompt_text(1)}]))
+            while not s.inflight:  # the slow request is inside the server
+                await asyncio.sleep(0.01)
+            s.httpd.shutdown()  # stop accepting: new connections are refused
+            s.httpd.socket.close()
+            refused = await c.chat([{"role": "user", "content": prompt_text(2)}])
+            return await slow, refused
+
+    slow, refused = asyncio.run(scenario())
+    assert refused.attempts == 4 and "ConnectError" in refused.error
+    assert refused.transient and not refused.unreachable
+    assert slow.ok and slow.text == student_answer(1)
