@@ -4,6 +4,11 @@ Both backends take a list of :class:`Job` and call ``on_done(job, reply)`` as ea
 (the pipeline stores it right there), and return usage totals for the run. The server backend
 raises :class:`~apo_kernels.clair.client.ServerUnreachableError` (after reporting the failed
 job) when the server cannot be reached at all, instead of failing every remaining job slowly.
+
+An optional :class:`JobPolicy` decides each job's request when it is sent (not when it is
+queued) and may ask for a reply to be replaced by another request: that is how structured
+output falls back to the tagged format for the rest of a run (see
+:mod:`apo_kernels.clair.structured`).
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from typing import Any, Protocol
 
 from .client import ChatClient, ChatResult, RetryPolicy, ServerUnreachableError, UsageTotals
 from .io import Prompt, as_messages
+from .redact import Redactor
 
 
 @dataclass
 class Job:
-    """One model call: a key for the store and the prompt to send."""
+    """One model call: a key for the store, the prompt to send, extra request fields
+    (``params``, e.g. ``response_format``) and fields stored with its reply (``meta``)."""
 
     key: str
     prompt: Prompt
+    params: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +57,18 @@ class Reply:
 OnDone = Callable[[Job, Reply], None]
 
 
+class JobPolicy(Protocol):
+    """Chooses a job's request as it is sent, and may replace a reply with another request."""
+
+    def prepare(self, job: Job) -> Job:
+        """The job as it should be sent now."""
+        ...
+
+    def review(self, job: Job, reply: Reply) -> Job | None:
+        """A job to send instead of keeping ``reply`` (the reply is then dropped), or None."""
+        ...
+
+
 class Backend(Protocol):
     """What the pipeline needs from a model."""
 
@@ -55,7 +76,8 @@ class Backend(Protocol):
         """What determines the answers (model and sampling settings): part of each key."""
         ...
 
-    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals: ...
+    def run(self, jobs: Sequence[Job], on_done: OnDone,
+            policy: JobPolicy | None = None) -> UsageTotals: ...
 
 
 class OpenAIBackend:
@@ -78,16 +100,19 @@ class OpenAIBackend:
         self.retry = retry or RetryPolicy()
         self.params = {k: v for k, v in (params or {}).items() if v is not None}
         self.seed = seed
+        self.redact = Redactor([api_key])
 
     def identity(self) -> dict[str, Any]:
         # The server URL is left out on purpose: the same model behind another endpoint (a
         # restarted vLLM on a new port) should reuse finished work.
         return {"backend": "openai", "model": self.model, "params": self.params}
 
-    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals:
-        return asyncio.run(self._run(list(jobs), on_done))
+    def run(self, jobs: Sequence[Job], on_done: OnDone,
+            policy: JobPolicy | None = None) -> UsageTotals:
+        return asyncio.run(self._run(list(jobs), on_done, policy))
 
-    async def _run(self, jobs: list[Job], on_done: OnDone) -> UsageTotals:
+    async def _run(self, jobs: list[Job], on_done: OnDone,
+                   policy: JobPolicy | None) -> UsageTotals:
         client = ChatClient(self.base_url, self.model, self.api_key,
                             concurrency=self.concurrency, timeout=self.timeout,
                             retry=self.retry, params=self.params, seed=self.seed)
@@ -101,7 +126,14 @@ class OpenAIBackend:
                     job = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                result = await client.chat(as_messages(job.prompt))
+                while True:
+                    if policy is not None:
+                        job = policy.prepare(job)
+                    result = await client.chat(as_messages(job.prompt), **job.params)
+                    redo = policy.review(job, Reply.from_chat(result)) if policy else None
+                    if redo is None:
+                        break
+                    job = redo
                 on_done(job, Reply.from_chat(result))  # runs on the loop thread: no locking
                 if result.unreachable:  # stops the other workers too (see below)
                     raise ServerUnreachableError(self.base_url, result.error or "no reply")
@@ -133,9 +165,12 @@ class LocalBackend:
         return {"backend": "local", "model": self.generator.name,
                 "params": self.generator.params()}
 
-    def run(self, jobs: Sequence[Job], on_done: OnDone) -> UsageTotals:
+    def run(self, jobs: Sequence[Job], on_done: OnDone,
+            policy: JobPolicy | None = None) -> UsageTotals:
         totals = UsageTotals()
-        jobs = list(jobs)
+        # Local generation has no response_format: the policy only picks the prompt, once,
+        # since every job is rendered before the first batch.
+        jobs = [policy.prepare(j) for j in jobs] if policy is not None else list(jobs)
 
         def on_batch(indices: list[int], results: list[Any]) -> None:
             for i, r in zip(indices, results, strict=True):

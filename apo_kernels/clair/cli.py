@@ -89,6 +89,11 @@ def _add_reviser(p: argparse.ArgumentParser) -> None:
                    "{{prompt}} and {{response}} (default: the built-in CLAIR prompt)")
     g.add_argument("--allow-meta", action="store_true",
                    help="accept revisions that mention being a revision or a student")
+    g.add_argument("--structured", choices=("auto", "on", "off"), default="auto",
+                   help="ask the server for a JSON-schema reply (response_format): on, off "
+                        "(tagged format only), or auto: JSON, falling back to the tagged "
+                        "format for the rest of the run when the server rejects it or ignores "
+                        "it (default auto)")
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -114,7 +119,8 @@ def _api_key(env_name: str | None, arg: str) -> str | None:
     # to whatever --base-url points at (a local vLLM, a colleague's server).
     if env_name is None:
         return None
-    key = os.environ.get(env_name)
+    # A key read from a file keeps its newline, which is an illegal header value: strip it.
+    key = (os.environ.get(env_name) or "").strip()
     if not key:
         raise _usage_error(f"{arg}: environment variable {env_name} is not set")
     return key
@@ -229,10 +235,53 @@ def _print_stats(stats: Any, failures: bool = True) -> None:
             f"{stats.failed} failed, {stats.cached} already done, {stats.ran} run"
             + (f", {stats.skipped} skipped" if stats.skipped else "") + tokens,
             style="bold", markup=False, highlight=False)
+    fmt = getattr(stats, "structured", None)
+    if fmt:
+        used = ("JSON schema (response_format)" if fmt["used"] == "json"
+                else "tagged (<revised_answer>)")
+        why = f"; fell back: {fmt['fallback']}" if fmt.get("fallback") else ""
+        c.print(f"  reply format: {used} (--structured {fmt['requested']}{why})",
+                markup=False, highlight=False)
     for name, path in stats.outputs.items():  # paths may hold [brackets]: no markup
         c.print(f"  {name}: {path}", markup=False, highlight=False)
     if failures:
         _print_failures(stats, c)
+
+
+# (module, what needs it): checked before any work, so a missing one costs nothing.
+def _dependencies(args: argparse.Namespace) -> list[tuple[str, str]]:
+    cmd = args.clair_command
+    need: list[tuple[str, str]] = []
+
+    def model(base_url: str | None, gguf: str | None, url_flag: str, gguf_flag: str) -> None:
+        if base_url:
+            need.append(("httpx", "CLAIR requests to a server"))
+            return
+        need.append(("transformers", f"CLAIR with a local model (no {url_flag})"))
+        if gguf:
+            need.extend([("gguf", gguf_flag), ("accelerate", gguf_flag)])
+
+    if cmd in ("generate", "run"):
+        model(args.base_url, args.gguf_file, "--base-url", "--gguf-file")
+    if cmd in ("revise", "run"):
+        model(args.reviser_base_url, args.reviser_gguf_file, "--reviser-base-url",
+              "--reviser-gguf-file")
+    if cmd in ("generate", "revise", "run"):
+        need.append(("tqdm", "CLAIR progress output"))
+    if cmd in ("build", "run") and not args.no_hf_dataset:
+        need.append(("datasets", "writing an HF datasets directory (or pass --no-hf-dataset)"))
+    if cmd in ("run", "report"):
+        need.append(("rapidfuzz", f"clair {cmd}'s contrastiveness report"))
+    if cmd == "run" or (cmd == "report" and args.plots_dir):
+        need.append(("matplotlib", f"clair {cmd}'s histograms"))
+    return need
+
+
+def _check_dependencies(args: argparse.Namespace) -> None:
+    from .._optional import require
+
+    for module, what in _dependencies(args):
+        require(module, "clair", what=what)
 
 
 def _formats(args: argparse.Namespace) -> tuple[str, ...]:
@@ -240,15 +289,21 @@ def _formats(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _guard(fn: Any) -> Any:
-    """Turn input errors into a clear message and exit code 2, and an unreachable server into
-    one with exit code 1 (no traceback)."""
+    """Check the command's optional dependencies first; turn a missing one and input errors
+    into one clear line and exit code 2, and an unreachable server into a message with exit
+    code 1 (no traceback)."""
 
     def wrapped(args: argparse.Namespace) -> int:
+        from .._optional import MissingDependency
         from .client import ServerUnreachableError
         from .io import ClairInputError
 
         try:
+            _check_dependencies(args)
             return int(fn(args) or 0)
+        except MissingDependency as e:
+            print(f"apo-kernels clair {args.clair_command}: error: {e}", file=sys.stderr)
+            return 2
         except ClairInputError as e:
             print(f"apo-kernels clair {args.clair_command}: error: {e}", file=sys.stderr)
             return 2
@@ -293,7 +348,8 @@ def _cmd_revise(args: argparse.Namespace) -> int:
     stats = revise(_read(args), args.out_dir, _reviser_backend(args), template=template,
                    prompt_field=args.prompt_field, response_field=args.response_field,
                    check_meta=not args.allow_meta, retry_failed=args.retry_failed,
-                   progress=not args.no_progress, source=_source(args))
+                   progress=not args.no_progress, source=_source(args),
+                   structured=args.structured)
     _print_stats(stats)
     return 0 if stats.ok else 1
 
@@ -327,7 +383,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     gen_path = Path(args.out_dir) / "generations.jsonl"
     r = revise(_read_plain(gen_path), args.out_dir, _reviser_backend(args), template=template,
                check_meta=not args.allow_meta, retry_failed=args.retry_failed,
-               progress=progress, source=str(gen_path))
+               progress=progress, source=str(gen_path), structured=args.structured)
     _print_stats(r, failures=False)
     if not r.ok:
         return _run_stopped(args, "revise", [g, r])

@@ -9,9 +9,14 @@ returns a :class:`ChatResult` with ``error`` and the raw body, so the pipeline c
 
 A failure is *transient* when it gave up on retryable transport faults (connection errors,
 timeouts, 408/409/429/5xx): the same request may well succeed later, so the pipeline does not
-count the item as done. It is *unreachable* when, besides, the server never answered at all
-while that request was being retried (every attempt ended in a connection error or a connect
-timeout): the pipeline then stops the whole run instead of waiting out every item.
+count the item as done. It is *unreachable* when its last attempt could not connect, the server
+has sent no reply to any request since this one lost contact with it, and every other request in
+flight is failing to connect too: the server is gone (never started, or died in the middle of
+the step). The request then ends without waiting out its retries once it has failed to connect
+``RetryPolicy.gone_after`` times in a row, and the pipeline stops the whole run.
+
+The API key never leaves the client in anything it returns: error messages, raw bodies and reply
+text pass through :class:`~apo_kernels.clair.redact.Redactor` (servers echo keys in 401 bodies).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .._optional import require
+from .redact import Redactor, safe_url
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -38,12 +46,19 @@ class RetryPolicy:
     ``d = min(backoff_max, backoff_base * 2**k)`` ("equal jitter": exponential, but spread so that
     many clients hit by the same outage do not come back in lockstep). A ``Retry-After`` header
     replaces that delay, capped at ``retry_after_max``.
+
+    Retries ride out faults of a server that is up. A server that is gone is not waited for:
+    once a request has failed to connect ``gone_after`` times in a row, with no reply from the
+    server to anyone since it lost contact and every other request in flight failing to
+    connect too, the request ends as *unreachable* before its retries are spent (and the
+    pipeline stops the run).
     """
 
     max_retries: int = 6
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     retry_after_max: float = 300.0
+    gone_after: int = 2
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         d = min(self.backoff_max, self.backoff_base * (2**attempt))
@@ -111,10 +126,20 @@ class ServerUnreachableError(RuntimeError):
     """
 
     def __init__(self, base_url: str, last_error: str) -> None:
+        base_url = safe_url(base_url)
         super().__init__(f"cannot reach the server at {base_url}: {last_error}")
         self.base_url, self.last_error = base_url, last_error
         self.totals: dict[str, int] = {}
         self.stats: Any = None
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request between its first attempt and its result (backoff sleeps included)."""
+
+    lost_since: float | None = None  # when its current run of reply-less attempts began
+    connect_failed: bool = False  # its last finished attempt could not connect
+    connect_streak: int = 0  # attempts in a row that could not connect
 
 
 class _Fatal(Exception):
@@ -202,9 +227,11 @@ class ChatClient:
         self._sem: asyncio.Semaphore | None = None
         self._http: Any = None
         self._last_reply: float | None = None  # monotonic time of the last HTTP response
+        self._flights: set[_Flight] = set()  # requests not yet finished
+        self.redact = Redactor([api_key])
 
     async def __aenter__(self) -> Self:
-        import httpx
+        httpx = require("httpx", "clair", what="CLAIR requests to a server")
 
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -233,12 +260,13 @@ class ChatClient:
                 resp = await self._http.post(self.url, json=body)
             except httpx.TimeoutException as e:
                 raise _Retryable(f"timeout after {self.timeout:g}s ({type(e).__name__})",
-                                 connect=isinstance(e, httpx.ConnectTimeout)) from e
+                                 connect=isinstance(e, httpx.ConnectTimeout)) from None
             except httpx.TransportError as e:  # connect/read errors, dropped connections
-                raise _Retryable(f"connection error: {type(e).__name__}: {e}",
-                                 connect=isinstance(e, httpx.ConnectError)) from e
+                # httpx quotes an illegal header value (the key) in its message: redact.
+                raise _Retryable(self.redact(f"connection error: {type(e).__name__}: {e}"),
+                                 connect=isinstance(e, httpx.ConnectError)) from None
         self._last_reply = time.monotonic()
-        raw = resp.text
+        raw = self.redact(resp.text)
         if resp.status_code in RETRY_STATUS:
             raise _Retryable(f"HTTP {resp.status_code}", resp.status_code, raw,
                              parse_retry_after(resp.headers))
@@ -259,31 +287,63 @@ class ChatClient:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         if text is None:
             raise _Fatal("reply has no message content", resp.status_code, raw)
-        return ChatResult(text=text, finish_reason=choice.get("finish_reason"), usage=usage,
-                          status=resp.status_code)
+        return ChatResult(text=self.redact.known(text), finish_reason=choice.get("finish_reason"),
+                          usage=usage, status=resp.status_code)
+
+    def _server_down(self, flight: _Flight) -> bool:
+        """Whether the server looks gone from ``flight``'s point of view: no reply to anyone
+        since ``flight`` lost contact, and every other request in flight failing to connect.
+        (A request still waiting on a reply, or one the server answered since, means the
+        server is alive, just slow or flaky.)"""
+        if flight.lost_since is None:
+            return False
+        if self._last_reply is not None and self._last_reply >= flight.lost_since:
+            return False
+        return all(f.connect_failed for f in self._flights if f is not flight)
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
-        """Send one chat request, retrying per the policy. Never raises for request failures."""
+        """Send one chat request, retrying per the policy. Never raises for request failures.
+
+        ``params`` are extra request fields for this call (e.g. ``response_format``); None
+        values are left out.
+        """
         body = {"model": self.model, "messages": messages, **self.params,
                 **{k: v for k, v in params.items() if v is not None}}
+        flight = _Flight()
+        self._flights.add(flight)
+        try:
+            return await self._chat(body, flight)
+        finally:
+            self._flights.discard(flight)
+
+    async def _chat(self, body: dict[str, Any], flight: _Flight) -> ChatResult:
         attempt = 0
-        start = time.monotonic()
         while True:
             try:
                 result = await self._attempt(body)
             except _Fatal as e:
                 self.totals.failed += 1
-                return ChatResult(attempts=attempt + 1, error=str(e), status=e.status, raw=e.raw)
+                return ChatResult(attempts=attempt + 1, error=self.redact(str(e)),
+                                  status=e.status, raw=e.raw)
             except _Retryable as e:
-                if attempt >= self.retry.max_retries:
+                if e.status is None:  # no HTTP reply at all
+                    if flight.lost_since is None:
+                        flight.lost_since = time.monotonic()
+                else:
+                    flight.lost_since = None
+                flight.connect_failed = e.connect
+                flight.connect_streak = flight.connect_streak + 1 if e.connect else 0
+                spent = attempt >= self.retry.max_retries
+                gone = e.connect and (spent or flight.connect_streak >= self.retry.gone_after)
+                gone = gone and self._server_down(flight)
+                if spent or gone:
                     self.totals.failed += 1
-                    # Unreachable: this request never connected, and no other request got a
-                    # reply since it started, so the server has been down all that time.
-                    silent = self._last_reply is None or self._last_reply < start
+                    why = "; the server is not answering" if gone and not spent else ""
                     return ChatResult(attempts=attempt + 1,
-                                      error=f"{e} (gave up after {attempt + 1} attempts)",
+                                      error=self.redact(f"{e} (gave up after {attempt + 1} "
+                                                        f"attempts{why})"),
                                       status=e.status, raw=e.raw, transient=e.transient,
-                                      unreachable=e.connect and silent)
+                                      unreachable=gone)
                 if e.retry_after is not None:
                     wait = min(e.retry_after, self.retry.retry_after_max)
                 else:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
+
 Prompt = str | list[dict[str, Any]]
 
 
@@ -57,7 +59,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_hf_dir(path: Path, split: str | None) -> list[dict[str, Any]]:
-    import datasets
+    datasets = require("datasets", "clair", what="reading an HF datasets directory")
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -94,7 +96,7 @@ def read_records(path: str | os.PathLike[str], split: str | None = None) -> list
     if suffix == ".json":
         return _read_json(p)
     if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet", "clair", what="reading parquet")
 
         return pq.read_table(p).to_pylist()
     raise ClairInputError(
@@ -206,7 +208,8 @@ def write_hf_dataset(path: str | os.PathLike[str], records: Sequence[dict[str, A
     """Write records as an HF ``datasets`` directory (``datasets.load_from_disk`` reads it)."""
     import shutil
 
-    import datasets
+    datasets = require("datasets", "clair",
+                       what="writing an HF datasets directory (or pass --no-hf-dataset)")
 
     p = Path(path)
     if records:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._optional import require
 from .io import ClairInputError, Prompt, as_messages
 
 
@@ -55,8 +56,14 @@ class LocalGenerator:
         gguf_file: str | None = None,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        what = "CLAIR with a local model (no --base-url)"
+        transformers = require("transformers", "clair", what=what)
+        AutoModelForCausalLM, AutoTokenizer = (transformers.AutoModelForCausalLM,
+                                               transformers.AutoTokenizer)
+        if gguf_file:  # transformers needs both to dequantise a GGUF file
+            require("gguf", "clair", what="--gguf-file")
+            require("accelerate", "clair", what="--gguf-file")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         extra: dict[str, Any] = {}

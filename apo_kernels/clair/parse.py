@@ -134,6 +134,14 @@ def parse_revision(
         body = text[start.end():]
         rationale = _rationale_from(text[: headings[0].start()])
 
+    return finish_revision(body, rationale, check_meta, context)
+
+
+def finish_revision(body: str, rationale: str, check_meta: bool = True,
+                    context: str = "") -> ParseResult:
+    """The checks every reply format shares, on the revision's text once it is found: clean
+    it (a repeated "Revised answer:" label, blank lines around), refuse it when empty or when
+    it refers to itself as a revision (``check_meta``; phrases ``context`` uses are fine)."""
     revision = _clean_revision(body)
     if not revision.strip():
         return ParseResult.fail("empty revised answer")

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from .backends import Backend, Job, Reply
 from .client import ServerUnreachableError
 from .io import (
@@ -45,9 +46,10 @@ from .io import (
     write_hf_dataset,
     write_jsonl,
 )
-from .parse import parse_revision
 from .prompts import RevisionTemplate, load_template
+from .redact import Redactor
 from .store import JsonlStore, item_key
+from .structured import StructuredPolicy, parse_reply
 
 GENERATIONS = "generations.jsonl"
 REVISIONS = "revisions.jsonl"
@@ -69,13 +71,15 @@ class StepStats:
     usage: dict[str, int] = field(default_factory=dict)  # this run's client totals
     stored_usage: dict[str, int] = field(default_factory=dict)  # over all stored items
     outputs: dict[str, str] = field(default_factory=dict)
+    # revise: the reply format asked for and used ({"requested", "used", "fallback"?})
+    structured: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "clair", what="CLAIR progress output").tqdm
 
     # disable=None lets tqdm switch itself off when stderr is not a terminal (logs, CI).
     return tqdm(total=total, desc=desc, unit="item", disable=None if enabled else True,
@@ -142,24 +146,35 @@ def _write_summary(out_dir: Path, stats: StepStats) -> None:
     path.write_text(json.dumps(stats.as_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def _redactor(backend: Backend) -> Redactor:
+    """The backend's redactor (it knows the API key), or one for key-shaped text only."""
+    r = getattr(backend, "redact", None)
+    return r if isinstance(r, Redactor) else Redactor()
+
+
 def _run_jobs(backend: Backend, jobs: list[Job], store: JsonlStore, step: str,
               extra: dict[str, dict[str, Any]], progress: bool,
-              stats: StepStats) -> ServerUnreachableError | None:
+              stats: StepStats, policy: Any = None) -> ServerUnreachableError | None:
     """Run jobs through the backend, appending each finished one to the store. Sets
     ``stats.usage`` and ``stats.ran``; returns the backend's unreachable-server error, if any,
     for the caller to raise once its outputs are written."""
     if not jobs:
         return None
     bar = _progress(len(jobs), step, progress)
+    redact = _redactor(backend)
 
     def on_done(job: Job, reply: Reply) -> None:
-        rec = {"key": job.key, "step": step, **extra[job.key], **asdict(reply)}
+        rec = {"key": job.key, "step": step, **extra[job.key], **job.meta, **asdict(reply)}
+        # The client has redacted already; this covers any other backend. Reply text keeps
+        # everything but the known key (it becomes the dataset).
+        rec.update(error=redact(rec["error"]), raw=redact(rec["raw"]),
+                   text=redact.known(rec["text"]) if rec["text"] else rec["text"])
         store.append(rec)
         stats.ran += 1
         bar.update(1)
 
     try:
-        stats.usage = backend.run(jobs, on_done).as_dict()
+        stats.usage = backend.run(jobs, on_done, policy).as_dict()
     except ServerUnreachableError as e:
         stats.usage = dict(e.totals)
         return e
@@ -263,7 +278,7 @@ def generate(
                                  "transient": is_transient(rec)})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
     return _finish_step(out, stats, "generate", ("generations", GENERATIONS), out_rows, failures,
-                        stopped)
+                        stopped, _redactor(backend))
 
 
 # ----------------------------------------------------------------------------- revise
@@ -281,6 +296,7 @@ def revise(
     retry_failed: bool = False,
     progress: bool = True,
     source: str = "input records",
+    structured: str = "auto",
 ) -> StepStats:
     """Ask the reviser to minimally improve each answer.
 
@@ -288,7 +304,10 @@ def revise(
     reply that cannot be parsed is a failure record holding the raw text (never a pair) and
     ``retry_failed`` redoes it. Writes ``revisions.jsonl`` (``prompt``, ``original``,
     ``revision``, ``rationale``) and ``revise.failures.jsonl``. ``source`` names the input in
-    errors.
+    errors. ``structured`` (``auto``/``on``/``off``) asks a server for a JSON-schema reply
+    (see :mod:`apo_kernels.clair.structured`); the choice is not part of an item's key, so a
+    reply stored in either format is reused, and ``retry_failed`` redoes format failures after
+    the mode is changed.
 
     Raises:
         ClairInputError: no records, or none with ``prompt_field``, or a bad record.
@@ -296,6 +315,13 @@ def revise(
     """
     check_records(records, prompt_field, source)
     template = template or load_template()
+    texts: dict[str, tuple[str, str]] = {}  # key -> (task text, answer) for the reviser prompt
+
+    def render(t: RevisionTemplate, job: Job) -> list[dict[str, str]]:
+        return [{"role": "user", "content": t.render(*texts[job.key])}]
+
+    policy = StructuredPolicy(structured, template, render,
+                              server=backend.identity().get("backend") != "local")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = StepStats("revise", total=len(records))
@@ -320,8 +346,9 @@ def revise(
     def parsed(rec: dict[str, Any] | None, i: int) -> Any:
         if not rec or rec.get("error") is not None:
             return None
-        return parse_revision(rec.get("text"), rec.get("finish_reason"), check_meta=check_meta,
-                              context=render_conversation(prompts[i]) + "\n" + answers[i])
+        return parse_reply(rec.get("text"), rec.get("format"), rec.get("finish_reason"),
+                           check_meta=check_meta,
+                           context=render_conversation(prompts[i]) + "\n" + answers[i])
 
     out_rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -332,12 +359,14 @@ def revise(
             pr = parsed(rec, i)
             if _needs_run(rec, retry_failed, bool(pr and pr.ok)):
                 if k not in extra:
-                    msg = template.render(render_conversation(prompts[i]), answers[i])
-                    jobs.append(Job(k, [{"role": "user", "content": msg}]))
+                    texts[k] = (render_conversation(prompts[i]), answers[i])
+                    jobs.append(Job(k, render(template, Job(k, ""))))  # prepare() re-renders
                     extra[k] = {"index": rows[i]}
             else:
                 stats.cached += 1
-        stopped = _run_jobs(backend, jobs, store, "revise", extra, progress, stats)
+        stopped = _run_jobs(backend, jobs, store, "revise", extra, progress, stats, policy)
+        if jobs:
+            stats.structured = policy.describe()
         for i, k in enumerate(keys):
             rec = store.get(k)
             pr = parsed(rec, i)
@@ -366,16 +395,19 @@ def revise(
                                      "transient": False})
         stats.stored_usage = _sum_usage([store.get(k) for k in set(keys)])
     return _finish_step(out, stats, "revise", ("revisions", REVISIONS), out_rows, failures,
-                        stopped)
+                        stopped, _redactor(backend))
 
 
 def _finish_step(out, stats, step: str, output: tuple[str, str], rows: list, failures: list,
-                 stopped):
+                 stopped, redact: Redactor):
     """Write a step's outputs, failures and summary; re-raise an early stop with the stats.
 
-    ``output`` is ``(name in stats.outputs, file name)``.
+    ``output`` is ``(name in stats.outputs, file name)``. Failures are redacted again, for
+    records a store written before redaction may still hold.
     """
     name, filename = output
+    failures = [{**f, "error": redact(f.get("error")), "raw": redact(f.get("raw"))}
+                for f in failures]
     failures_file = out / f"{step}.failures.jsonl"
     write_jsonl(out / filename, rows)
     write_jsonl(failures_file, failures)

@@ -18,12 +18,14 @@ Per pair:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from .io import ClairInputError, read_records, response_text
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -40,7 +42,8 @@ def tokenize(text: str) -> list[str]:
 
 def pair_metrics(chosen: str, rejected: str) -> dict[str, float]:
     """Contrastiveness metrics of one pair (see the module docstring)."""
-    from rapidfuzz.distance import Levenshtein
+    Levenshtein = require("rapidfuzz.distance", "clair",
+                          what="the CLAIR contrastiveness report").Levenshtein
 
     tc, tr = tokenize(chosen), tokenize(rejected)
     sc, sr = set(tc), set(tr)
@@ -102,24 +105,39 @@ def contrastiveness_report(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
+CELL_LEGEND = ("each cell: mean | median [p10, p90], where p10 and p90 are the 10th and 90th "
+               "percentiles over pairs")
+
+
+def _fmt(value: float, integer: bool) -> str:
+    if integer:
+        return str(round(value)) if math.isfinite(value) else str(value)  # no "-0" for -0.4
+    return f"{value:.3f}"
+
+
 def print_report(reports: dict[str, dict[str, Any]], console: Any = None) -> None:
-    """A rich table: one row per metric, mean and median (p10-p90) per dataset."""
+    """A rich table: one row per metric, ``mean | median [p10, p90]`` per dataset, with the
+    cell layout spelled out under the table."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
-    table = Table(title="Contrastiveness of chosen vs rejected", show_lines=False)
+    # Text, not markup strings: rich would take "[p10, p90]" (or a label in brackets) for a
+    # style tag and drop it.
+    table = Table(title="Contrastiveness of chosen vs rejected", show_lines=False,
+                  caption=Text(CELL_LEGEND), caption_justify="left")
     table.add_column("metric")
     for label, rep in reports.items():
-        table.add_column(f"{label} (n={rep['n_pairs']})\nmean | median [p10, p90]",
+        table.add_column(Text(f"{label} (n={rep['n_pairs']})\nmean | median [p10, p90]"),
                          justify="right")
     for m in METRICS:
         cells = []
+        integer = m in ("char_levenshtein", "length_change")
         for rep in reports.values():
             s = rep["aggregate"][m]
-            fmt = "{:.0f}" if m in ("char_levenshtein", "length_change") else "{:.3f}"
-            cells.append(f"{fmt.format(s['mean'])} | {fmt.format(s['median'])} "
-                         f"[{fmt.format(s['p10'])}, {fmt.format(s['p90'])}]")
+            cells.append(Text(f"{_fmt(s['mean'], integer)} | {_fmt(s['median'], integer)} "
+                              f"[{_fmt(s['p10'], integer)}, {_fmt(s['p90'], integer)}]"))
         table.add_row(m, *cells)
     table.add_row("identical pairs", *[f"{r['identical_fraction']:.1%}" for r in reports.values()])
     console.print(table)
@@ -131,28 +149,37 @@ def write_json(reports: dict[str, dict[str, Any]], path: str | os.PathLike[str])
     p.write_text(json.dumps(reports, indent=2) + "\n", encoding="utf-8")
 
 
+def histogram_figure(reports: dict[str, dict[str, Any]], metric: str, bins: int = 30) -> Any:
+    """One metric's histogram, datasets overlaid, the legend above the axes (never over bars).
+    Returns the matplotlib figure (close it when done)."""
+    matplotlib = require("matplotlib", "clair", what="CLAIR histograms")
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    for label, rep in reports.items():
+        vals = [p[metric] for p in rep["pairs"]]
+        if vals:
+            ax.hist(vals, bins=bins, alpha=0.6, label=f"{label} (n={len(vals)})")
+    ax.set_xlabel(metric)
+    ax.set_ylabel("pairs")
+    ax.set_title(f"chosen vs rejected: {metric}")
+    if ax.get_legend_handles_labels()[0]:
+        # "outside": constrained layout makes room for it between the title and the axes.
+        fig.legend(loc="outside upper center", ncols=min(3, len(reports)), frameon=False)
+    return fig
+
+
 def write_histograms(reports: dict[str, dict[str, Any]],
                      out_dir: str | os.PathLike[str], bins: int = 30) -> list[str]:
     """One PNG per plotted metric, datasets overlaid. Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for m in PLOTTED:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, rep in reports.items():
-            vals = [p[m] for p in rep["pairs"]]
-            if vals:
-                ax.hist(vals, bins=bins, alpha=0.6, label=f"{label} (n={len(vals)})")
-        ax.set_xlabel(m)
-        ax.set_ylabel("pairs")
-        ax.set_title(f"chosen vs rejected: {m}")
-        ax.legend()
-        fig.tight_layout()
+        fig = histogram_figure(reports, m, bins)
         path = out / f"hist_{m}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

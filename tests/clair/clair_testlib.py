@@ -4,12 +4,21 @@ It plays both models with deterministic text: the ``student`` answers ``Qn`` wit
 ``"Qn answer: teh total is {n+1}."``; the ``teacher`` reads that answer out of the reviser prompt
 and fixes the spelling and the number. Faults are scripted per (model, n): a list of actions for
 the first attempts, or one action for every attempt.
+
+``schema``: what the server does with ``response_format``: ``"ignore"`` (like ``transformers
+serve``: the teacher answers in tags whatever was asked), ``"honour"`` (like vLLM: the teacher
+answers with the JSON object) or ``"reject"`` (HTTP 400, like a server without structured
+output).
+
+Run as a script (``python clair_testlib.py '{"always": {"student:3": "slow:5"}}'``) it serves
+in its own process, prints its base URL, and runs until killed: a server that can die.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -35,14 +44,30 @@ def teacher_reply(revision: str, n: int) -> str:
             f"<revised_answer>\n{revision}\n</revised_answer>")
 
 
+def teacher_json_reply(revision: str, n: int) -> str:
+    return json.dumps({"reasoning": f"Fix the spelling and the total for Q{n}.",
+                       "revised_answer": revision})
+
+
+def key_echo_body(auth: str | None) -> str:
+    """OpenAI's 401 body, which quotes the key it was sent."""
+    key = (auth or "").removeprefix("Bearer ")
+    return json.dumps({"error": {
+        "message": f"Incorrect API key provided: {key}. You can find your API key at "
+                   "https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+
+
 class ChatServer:
     """Scripted OpenAI-compatible server. ``faults[(model, n)]`` is a list of actions for the
     first attempts; ``always[(model, n)]`` an action for every attempt. Actions:
     ``"500"``/``"400"`` (status), ``"429:<s>"`` (429 with Retry-After), ``"slow:<s>"`` (sleep,
     then a normal reply), ``"drop"`` (close without a response), ``"badjson"`` (200, not JSON),
+    ``"401echo"`` (401 whose body quotes the API key, as OpenAI's does),
     ``("content", text, finish_reason)`` (this reply text)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, schema: str = "ignore") -> None:
+        self.schema = schema
         self.faults: dict[tuple[str, int], list[Any]] = {}
         self.always: dict[tuple[str, int], Any] = {}
         self.delay = delay
@@ -89,11 +114,14 @@ class ChatServer:
         h.wfile.write(data)
         h.wfile.flush()
 
-    def _reply(self, model: str, n: int, messages: list[dict[str, str]]) -> tuple[str, str]:
+    def _reply(self, model: str, n: int, messages: list[dict[str, str]],
+               json_schema: bool) -> tuple[str, str]:
         if model == "student":
             return student_answer(n), "stop"
         ans = re.search(r"<student_answer>\n(.*)\n</student_answer>",
                         messages[-1]["content"], re.DOTALL).group(1)
+        if json_schema:
+            return teacher_json_reply(teacher_revision(ans, n), n), "stop"
         return teacher_reply(teacher_revision(ans, n), n), "stop"
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -115,11 +143,19 @@ class ChatServer:
                 (model, n))
             if self.delay:
                 time.sleep(self.delay)
-            content, finish = self._reply(model, n, messages)
+            asked = "response_format" in body
+            if asked and self.schema == "reject" and action is None:
+                self._send(h, 400, '{"error": "response_format is not supported"}')
+                return
+            content, finish = self._reply(model, n, messages,
+                                          asked and self.schema == "honour")
             if isinstance(action, tuple) and action[0] == "content":
                 _, content, finish = action
             elif action == "drop":
                 h.close_connection = True
+                return
+            elif action == "401echo":
+                self._send(h, 401, key_echo_body(h.headers.get("Authorization")))
                 return
             elif action == "badjson":
                 self._send(h, 200, "<html>gateway hiccup</html>")
@@ -149,3 +185,19 @@ class ChatServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def serve_forever(config: dict[str, Any]) -> None:
+    """Serve until killed; ``config``: ``{"always": {"model:n": action}, "faults": {...}}``."""
+    server = ChatServer(schema=config.get("schema", "ignore"))
+    for name in ("always", "faults"):
+        for k, v in config.get(name, {}).items():
+            model, n = k.split(":")
+            getattr(server, name)[(model, int(n))] = v
+    with server:
+        print(server.base_url, flush=True)
+        server.thread.join()
+
+
+if __name__ == "__main__":
+    serve_forever(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from clair_testlib import ChatServer
 
@@ -10,3 +12,14 @@ from clair_testlib import ChatServer
 def chat_server():
     with ChatServer() as s:
         yield s
+
+
+@pytest.fixture
+def dead_url():
+    """A port on 127.0.0.1 with nothing listening (bound, so no one else takes it)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    finally:
+        s.close()

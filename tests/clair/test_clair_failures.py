@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -41,17 +40,6 @@ def fast_backend(url: str, model: str, concurrency: int = 2, max_retries: int = 
     return OpenAIBackend(url, model, concurrency=concurrency, timeout=2.0, seed=0,
                          retry=RetryPolicy(max_retries=max_retries, backoff_base=0.02,
                                            backoff_max=0.05))
-
-
-@pytest.fixture
-def dead_url():
-    """A port on 127.0.0.1 with nothing listening (bound, so no one else takes it)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    finally:
-        s.close()
 
 
 # ----------------------------------------------------------------------------- empty inputs
