@@ -153,6 +153,35 @@ def _validate_params(
         raise ValueError(f"`f_alpha_divergence_coef` must be finite, got {f_alpha_divergence_coef!r}")
 
 
+class _Expm1(torch.autograd.Function):
+    """``expm1(x)`` whose gradient is ``exp(x)`` computed from ``x``.
+
+    torch's own backward forms ``expm1(x) + 1``, which rounds to 0 (or to a few ulps of 1) once
+    ``x`` is below about -17 in fp32: the f-divergence scores' gradients, ``exp(-r)`` and
+    ``exp((a - 1) r)``, vanished at large log-ratios although they still multiply large factors
+    (e.g. IPO's squared difference). ``exp(x)`` keeps its full relative precision down to
+    fp32's smallest normal number. The backward is made of differentiable ops, so double
+    backward works too.
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.expm1(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x)
+
+
+def _expm1(x: Tensor) -> Tensor:
+    return _Expm1.apply(x)
+
+
 def f_divergence_scores(
     logratios: Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5
 ) -> Tensor:
@@ -163,11 +192,14 @@ def f_divergence_scores(
     - ``js_divergence``: ``f'(t) = log(2t/(t+1))`` -> ``log 2 + logsigmoid(r)``.
     - ``alpha_divergence``: ``f'(t) = (t^(a-1) - 1)/(a-1)`` -> ``(exp((a-1) r) - 1)/(a-1)``, the
       exponent clamped above at 80 (11 in fp16) like TRL; ``a -> 1`` is the reverse-KL limit ``r``.
+
+    Values use ``expm1`` (no cancellation near ``r = 0``) and gradients ``exp`` (no underflow at
+    large ``|r|``), so both stay accurate in fp32 wherever they are representable.
     """
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
-        return -torch.expm1(-logratios)
+        return -_expm1(-logratios)
     if f_divergence_type == "js_divergence":
         return math.log(2.0) + F.logsigmoid(logratios)
     if f_divergence_type == "alpha_divergence":
@@ -175,7 +207,7 @@ def f_divergence_scores(
         if abs(a - 1.0) < 1e-6:
             return logratios
         t = torch.clamp((a - 1.0) * logratios, max=_ALPHA_CLAMP.get(logratios.dtype, 80.0))
-        return torch.expm1(t) / (a - 1.0)
+        return _expm1(t) / (a - 1.0)
     raise ValueError(
         f"Unknown `f_divergence_type` {f_divergence_type!r}; valid types are {list(F_DIVERGENCE_TYPES)}"
     )
