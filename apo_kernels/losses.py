@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.checks import check_real
+
 __all__ = [
     "LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
@@ -100,14 +102,14 @@ def _normalise_loss_types(
     if loss_weights is None:
         weights = [1.0] * len(types)
     else:
-        weights = [float(w) for w in loss_weights]
+        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+            raise TypeError(f"`loss_weights` must be a sequence of numbers, got {loss_weights!r}")
+        weights = [check_real(f"`loss_weights[{i}]`", w) for i, w in enumerate(loss_weights)]
         if len(weights) != len(types):
             raise ValueError(
                 f"`loss_weights` has {len(weights)} values for {len(types)} loss types {types}: "
                 "give one weight per loss type"
             )
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"`loss_weights` must be finite, got {weights}")
     return list(zip(types, weights))
 
 
@@ -119,10 +121,8 @@ def _validate_params(
     f_divergence_type: str,
     f_alpha_divergence_coef: float,
 ) -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
-    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing!r}")
+    check_real("`beta`", beta, low=0.0, low_open=True)
+    check_real("`label_smoothing`", label_smoothing, low=0.0, high=1.0)
     if "robust" in types and not label_smoothing < 0.5:
         # The robust loss divides by (1 - 2*eps): eps = 0.5 is a division by zero and eps > 0.5
         # flips the sign of the loss. TRL only warns; a silent inf or a negated loss is worse.
@@ -135,8 +135,9 @@ def _validate_params(
             "`label_smoothing` must lie in (0, 1) for loss_type 'exo_pair' (it is EXO's epsilon; "
             f"the paper recommends 1e-3), got {label_smoothing!r}"
         )
-    if "discopop" in types and not (math.isfinite(discopop_tau) and discopop_tau > 0):
-        raise ValueError(f"`discopop_tau` must be a finite number > 0, got {discopop_tau!r}")
+    # Checked whatever the loss type: a wrong type is a mistake even where the value is unused.
+    check_real("`discopop_tau`", discopop_tau, low=0.0, low_open=True)
+    check_real("`f_alpha_divergence_coef`", f_alpha_divergence_coef)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(
             f"Unknown `f_divergence_type` {f_divergence_type!r}; valid types are {list(F_DIVERGENCE_TYPES)}"
@@ -149,8 +150,6 @@ def _validate_params(
                 f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; {bad} have no f-divergence form. Use "
                 "f_divergence_type='reverse_kl' with them."
             )
-    if f_divergence_type == "alpha_divergence" and not math.isfinite(f_alpha_divergence_coef):
-        raise ValueError(f"`f_alpha_divergence_coef` must be finite, got {f_alpha_divergence_coef!r}")
 
 
 class _Expm1(torch.autograd.Function):
@@ -395,8 +394,7 @@ def preference_rewards(
     ``b (r_w - r_l)``, ``logps/chosen`` and ``logps/rejected`` = mean policy sequence log-probs.
     (TRL reports rewards as ``beta * log-ratio`` whatever the loss or f-divergence.)
     """
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
+    beta = check_real("`beta`", beta, low=0.0, low_open=True)
     with torch.no_grad():
         dtype = _compute_dtype(chosen_logps)
         pc, pr = chosen_logps.detach().to(dtype), rejected_logps.detach().to(dtype)
@@ -438,11 +436,9 @@ def unpaired_preference_loss(
     _check_vector("ref_logps", ref_logps, logps.numel())
     if not isinstance(desirable, Tensor) or desirable.shape != logps.shape:
         raise ValueError(f"`desirable` must be a bool tensor of shape {tuple(logps.shape)}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
-    for name, v in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+    beta = check_real("`beta`", beta, low=0.0, low_open=True)
+    desirable_weight = check_real("`desirable_weight`", desirable_weight, low=0.0)
+    undesirable_weight = check_real("`undesirable_weight`", undesirable_weight, low=0.0)
     dtype = _compute_dtype(logps)
     x = beta * (logps.to(dtype) - ref_logps.to(dtype))
     desirable = desirable.to(torch.bool)

@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from .losses import _normalise_loss_types, _validate_params, preference_loss, preference_rewards
 from .ops import LinearLogprobsOutput, linear_logprobs
+from .ops.checks import check_options, check_transform
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .sequence import (
     REDUCTIONS,
+    _check_ld_alpha,
     completion_token_weights,
     cu_seqlens_from_seq_ids,
     seq_ids_from_cu_seqlens,
@@ -199,6 +201,9 @@ def fused_linear_preference_loss(
     _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
     if reduction not in REDUCTIONS:
         raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+    _check_ld_alpha(ld_alpha)
+    check_transform(logit_scale, softcap, temperature)
+    check_options(ignore_index, filter_eps, backend)
     hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
     b = layout.num_seqs // 2
 
@@ -368,8 +373,10 @@ class FusedLinearPreferenceLoss(nn.Module):
         _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
         if reduction not in REDUCTIONS:
             raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
-        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"`ld_alpha` must lie in [0, 1] (or be None), got {ld_alpha!r}")
+        _check_ld_alpha(ld_alpha)
+        # The op's options too, so a bad one fails here and not at the first batch.
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
         self.config = dict(
             loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,

@@ -65,22 +65,99 @@ def check_same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
             "them or run under torch.autocast")
 
 
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+    optional: bool = False,
+    desc: str | None = None,
+) -> float | None:
+    """Check a float hyper-parameter; return it as a Python float (None stays None when
+    ``optional``).
+
+    TypeError unless ``value`` is a real number: ``bool`` is refused although Python counts it
+    as an int (``beta=True`` would silently mean 1), and so are tensors, strings and None.
+    ValueError when it is NaN, infinite (with ``finite``) or outside ``[low, high]`` (an open end
+    with ``low_open``/``high_open``). Every message names the argument; ``desc`` replaces the
+    generated description of the allowed values ("a finite number > 0").
+    """
+    if value is None and optional:
+        return None
+    if desc is None:
+        desc = _range_text(low, high, low_open, high_open, finite)
+    if optional:
+        desc = f"None or {desc}"
+    if not _is_real(value):
+        got = f"a bool ({value!r})" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+        raise TypeError(f"{name} must be {desc}, got {got}")
+    x = float(value)
+    bad = math.isnan(x) or (finite and math.isinf(x))
+    if low is not None:
+        bad = bad or (x <= low if low_open else x < low)
+    if high is not None:
+        bad = bad or (x >= high if high_open else x > high)
+    if bad:
+        raise ValueError(f"{name} must be {desc}, got {value!r}")
+    return x
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """Check an integer argument (``bool`` refused, numpy integers accepted); return an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        got = f"a bool ({value!r})" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+        raise TypeError(f"{name} must be an int, got {got}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _range_text(low, high, low_open, high_open, finite) -> str:
+    kind = "a finite number" if finite else "a number"
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high:g}"
+    return kind
+
+
 def check_transform(logit_scale: float, softcap: float | None, temperature: float) -> None:
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not _is_real(logit_scale) or not math.isfinite(logit_scale) or logit_scale <= 0:
-        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
-    if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    check_real("temperature", temperature, low=0, low_open=True, desc="a positive finite number")
+    check_real("logit_scale", logit_scale, low=0, low_open=True, desc="a positive finite number")
+    check_real("softcap", softcap, low=0, low_open=True, optional=True,
+               desc="a positive finite number")
+
+
+#: Largest ``filter_eps`` accepted (exclusive). The filter skips a vocabulary tile when every
+#: entry of its softmax part ``-p_v (g + e (z_v - E[z])) jac_v`` is at most ``filter_eps`` times
+#: the token's gradient scale ``(|g| + |e|) * logit_scale / T``. Without an entropy gradient
+#: ``|p_v g jac_v| <= |g| * logit_scale / T`` always (``p <= 1``), so from 1 on the condition holds
+#: for every tile whatever the data: the filter would drop the whole softmax term (the label's
+#: own ``-p_y g`` included, which nearly cancels ``+g`` on a confident token) and return the bare
+#: label term as the gradient. Below 1 it can still drop a lot (on flat logits every ``p_v`` is
+#: tiny), but only entries the promise above allows.
+FILTER_EPS_MAX = 1.0
+
+
+def check_filter_eps(filter_eps: object) -> None:
+    """``filter_eps`` is ``"auto"``, None (exact) or a number in ``[0, 1)`` (see
+    :data:`FILTER_EPS_MAX`)."""
+    if filter_eps is None or (isinstance(filter_eps, str) and filter_eps == "auto"):
+        return
+    check_real("filter_eps", filter_eps, low=0.0, high=FILTER_EPS_MAX, high_open=True,
+               desc="'auto', None (exact) or a number in [0, 1) (from 1 on, the filter would drop "
+                    "the whole softmax part of the gradient whatever the data)")
 
 
 def check_options(ignore_index: int, filter_eps: object, backend: str) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if filter_eps is not None and filter_eps != "auto":
-        if not _is_real(filter_eps) or not math.isfinite(filter_eps) or filter_eps < 0:
-            raise ValueError(
-                f"filter_eps must be 'auto', None (exact) or a non-negative number, got {filter_eps!r}")
+    check_int("ignore_index", ignore_index)
+    check_filter_eps(filter_eps)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
