@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .losses import _normalise_loss_types, _validate_params, preference_loss, preference_rewards
 from .ops import LinearLogprobsOutput, linear_logprobs
-from .ops.checks import check_options, check_transform
+from .ops.checks import check_linear_inputs, check_options, check_same_dtype, check_transform
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .sequence import (
     REDUCTIONS,
@@ -136,6 +136,24 @@ def _segment_sums(x: Tensor, w: Tensor, layout: _Layout) -> Tensor:
     return contrib.sum(dim=1)
 
 
+def _check_reference_head(ref_hidden: Tensor, ref_weight: Tensor | None, ref_bias: Tensor | None,
+                          weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
+    """The reference's inputs, with errors that name the reference's arguments (the op's own
+    checks would call them ``hidden``/``weight``, the policy's names)."""
+    if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("`ref_bias` needs `ref_weight`: without its own head the reference "
+                             "shares the policy's `weight` and `bias`")
+        shared = "weight (the reference shares the policy's head: no ref_weight given)"
+        names = ("ref_hidden", shared, "labels", "bias (shared with the reference)")
+        ref_weight, ref_bias = weight, bias
+    else:
+        names = ("ref_hidden", "ref_weight", "labels", "ref_bias")
+    check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, names=names)
+    if not torch.is_autocast_enabled(ref_hidden.device.type):  # autocast casts both alike
+        check_same_dtype(ref_hidden, ref_weight, names=names[:2])
+
+
 def fused_linear_preference_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -230,6 +248,7 @@ def fused_linear_preference_loss(
                 f"`ref_hidden` must have the token layout of `hidden` {tuple(hidden.shape[:-1])} + (D,), "
                 f"got {tuple(ref_hidden.shape)}"
             )
+        _check_reference_head(ref_hidden, ref_weight, ref_bias, weight, bias, labels)
 
     mask = labels != ignore_index
     if not bool(mask.any()):

@@ -11,58 +11,67 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
 
 
+#: The names errors use for ``(hidden, weight, labels, bias)``; a caller that validates other
+#: arguments (the reference model's ``ref_hidden``...) passes its own.
+LINEAR_NAMES = ("hidden", "weight", "labels", "bias")
+
+
 def check_linear_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
+    names: tuple[str, str, str, str] = LINEAR_NAMES,
 ) -> None:
     """Shapes, dtypes and devices of ``hidden [..., D]``, ``weight [V, D]``, ``labels [...]``,
-    ``bias [V]``. Label values are checked later, where the device sync is unavoidable."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+    ``bias [V]``. Label values are checked later, where the device sync is unavoidable.
+    ``names``: what the errors call the four arguments."""
+    nh, nw, nl, nb = names
+    for name, t in ((nh, hidden), (nw, weight), (nl, labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"hidden must be float32, float16 or bfloat16 hidden states, got dtype {hidden.dtype}")
+            f"{nh} must be float32, float16 or bfloat16 hidden states, got dtype {hidden.dtype}")
     if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight must be float32, float16 or bfloat16, got dtype {weight.dtype}")
+        raise TypeError(f"{nw} must be float32, float16 or bfloat16, got dtype {weight.dtype}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}")
+        raise TypeError(f"{nl} must be an integer tensor of token ids, got dtype {labels.dtype}")
     if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
+        raise ValueError(f"{nh} must have shape [..., D], got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+        raise ValueError(f"{nw} must have shape [V, D], got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"hidden size mismatch: hidden has D={hidden.shape[-1]} but weight has "
-            f"D={weight.shape[1]} (weight must be [V, D])")
+            f"hidden size mismatch: {nh} has D={hidden.shape[-1]} but {nw} has "
+            f"D={weight.shape[1]} (the head must be [V, D])")
     if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary (V=0)")
+        raise ValueError(f"{nw} has an empty vocabulary (V=0)")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] "
+            f"{nl} shape {tuple(labels.shape)} must equal {nh}.shape[:-1] "
             f"{tuple(hidden.shape[:-1])}")
-    devices = {"hidden": hidden.device, "weight": weight.device, "labels": labels.device}
+    devices = {nh: hidden.device, nw: weight.device, nl: labels.device}
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            raise TypeError(f"{nb} must be a torch.Tensor or None, got {type(bias).__name__}")
         if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be a floating tensor, got dtype {bias.dtype}")
+            raise TypeError(f"{nb} must be a floating tensor, got dtype {bias.dtype}")
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
-        devices["bias"] = bias.device
+            raise ValueError(f"{nb} must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
+        devices[nb] = bias.device
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
 
 
-def check_same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+def check_same_dtype(hidden: torch.Tensor, weight: torch.Tensor,
+                     names: tuple[str, str] = ("hidden", "weight")) -> None:
     """After any autocast cast: the two matmul operands must agree."""
     if weight.dtype != hidden.dtype:
         raise TypeError(
-            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one of "
-            "them or run under torch.autocast")
+            f"{names[1]} dtype {weight.dtype} differs from {names[0]} dtype {hidden.dtype}; cast "
+            "one of them or run under torch.autocast")
 
 
 def check_real(
