@@ -310,7 +310,7 @@ def test_rewards_metrics(gen):
 
 @pytest.fixture(scope="module")
 def trl_trainers():
-    pytest.importorskip("trl", reason="TRL not installed: `pip install apo-kernels[trl]` for TRL parity tests")
+    pytest.importorskip("trl", reason="TRL parity tests need the trl extra: pip install 'apo-kernels[trl]'")
     import trl
 
     if not trl.__version__.startswith("1.16"):
