@@ -34,9 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand's name: the first argument that is not an option (the top-level parser
+    has no options taking a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _command(argv) == "check":
+        # Triton picks interpreter or compiler once, at import, and building the parser may
+        # import it (transformers does): decide for `check` before anything else runs.
+        from .commands.check import prepare_interpreter
+
+        prepare_interpreter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     return int(args.func(args) or 0)
 
 

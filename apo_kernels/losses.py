@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.checks import check_real
+
 __all__ = [
     "LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
@@ -100,14 +102,14 @@ def _normalise_loss_types(
     if loss_weights is None:
         weights = [1.0] * len(types)
     else:
-        weights = [float(w) for w in loss_weights]
+        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+            raise TypeError(f"`loss_weights` must be a sequence of numbers, got {loss_weights!r}")
+        weights = [check_real(f"`loss_weights[{i}]`", w) for i, w in enumerate(loss_weights)]
         if len(weights) != len(types):
             raise ValueError(
                 f"`loss_weights` has {len(weights)} values for {len(types)} loss types {types}: "
                 "give one weight per loss type"
             )
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"`loss_weights` must be finite, got {weights}")
     return list(zip(types, weights))
 
 
@@ -119,10 +121,8 @@ def _validate_params(
     f_divergence_type: str,
     f_alpha_divergence_coef: float,
 ) -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
-    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing!r}")
+    check_real("`beta`", beta, low=0.0, low_open=True)
+    check_real("`label_smoothing`", label_smoothing, low=0.0, high=1.0)
     if "robust" in types and not label_smoothing < 0.5:
         # The robust loss divides by (1 - 2*eps): eps = 0.5 is a division by zero and eps > 0.5
         # flips the sign of the loss. TRL only warns; a silent inf or a negated loss is worse.
@@ -135,8 +135,9 @@ def _validate_params(
             "`label_smoothing` must lie in (0, 1) for loss_type 'exo_pair' (it is EXO's epsilon; "
             f"the paper recommends 1e-3), got {label_smoothing!r}"
         )
-    if "discopop" in types and not (math.isfinite(discopop_tau) and discopop_tau > 0):
-        raise ValueError(f"`discopop_tau` must be a finite number > 0, got {discopop_tau!r}")
+    # Checked whatever the loss type: a wrong type is a mistake even where the value is unused.
+    check_real("`discopop_tau`", discopop_tau, low=0.0, low_open=True)
+    check_real("`f_alpha_divergence_coef`", f_alpha_divergence_coef)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(
             f"Unknown `f_divergence_type` {f_divergence_type!r}; valid types are {list(F_DIVERGENCE_TYPES)}"
@@ -149,8 +150,35 @@ def _validate_params(
                 f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; {bad} have no f-divergence form. Use "
                 "f_divergence_type='reverse_kl' with them."
             )
-    if f_divergence_type == "alpha_divergence" and not math.isfinite(f_alpha_divergence_coef):
-        raise ValueError(f"`f_alpha_divergence_coef` must be finite, got {f_alpha_divergence_coef!r}")
+
+
+class _Expm1(torch.autograd.Function):
+    """``expm1(x)`` whose gradient is ``exp(x)`` computed from ``x``.
+
+    torch's own backward forms ``expm1(x) + 1``, which rounds to 0 (or to a few ulps of 1) once
+    ``x`` is below about -17 in fp32: the f-divergence scores' gradients, ``exp(-r)`` and
+    ``exp((a - 1) r)``, vanished at large log-ratios although they still multiply large factors
+    (e.g. IPO's squared difference). ``exp(x)`` keeps its full relative precision down to
+    fp32's smallest normal number. The backward is made of differentiable ops, so double
+    backward works too.
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.expm1(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x)
+
+
+def _expm1(x: Tensor) -> Tensor:
+    return _Expm1.apply(x)
 
 
 def f_divergence_scores(
@@ -163,11 +191,14 @@ def f_divergence_scores(
     - ``js_divergence``: ``f'(t) = log(2t/(t+1))`` -> ``log 2 + logsigmoid(r)``.
     - ``alpha_divergence``: ``f'(t) = (t^(a-1) - 1)/(a-1)`` -> ``(exp((a-1) r) - 1)/(a-1)``, the
       exponent clamped above at 80 (11 in fp16) like TRL; ``a -> 1`` is the reverse-KL limit ``r``.
+
+    Values use ``expm1`` (no cancellation near ``r = 0``) and gradients ``exp`` (no underflow at
+    large ``|r|``), so both stay accurate in fp32 wherever they are representable.
     """
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
-        return -torch.expm1(-logratios)
+        return -_expm1(-logratios)
     if f_divergence_type == "js_divergence":
         return math.log(2.0) + F.logsigmoid(logratios)
     if f_divergence_type == "alpha_divergence":
@@ -175,7 +206,7 @@ def f_divergence_scores(
         if abs(a - 1.0) < 1e-6:
             return logratios
         t = torch.clamp((a - 1.0) * logratios, max=_ALPHA_CLAMP.get(logratios.dtype, 80.0))
-        return torch.expm1(t) / (a - 1.0)
+        return _expm1(t) / (a - 1.0)
     raise ValueError(
         f"Unknown `f_divergence_type` {f_divergence_type!r}; valid types are {list(F_DIVERGENCE_TYPES)}"
     )
@@ -363,8 +394,7 @@ def preference_rewards(
     ``b (r_w - r_l)``, ``logps/chosen`` and ``logps/rejected`` = mean policy sequence log-probs.
     (TRL reports rewards as ``beta * log-ratio`` whatever the loss or f-divergence.)
     """
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
+    beta = check_real("`beta`", beta, low=0.0, low_open=True)
     with torch.no_grad():
         dtype = _compute_dtype(chosen_logps)
         pc, pr = chosen_logps.detach().to(dtype), rejected_logps.detach().to(dtype)
@@ -406,11 +436,9 @@ def unpaired_preference_loss(
     _check_vector("ref_logps", ref_logps, logps.numel())
     if not isinstance(desirable, Tensor) or desirable.shape != logps.shape:
         raise ValueError(f"`desirable` must be a bool tensor of shape {tuple(logps.shape)}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
-    for name, v in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+    beta = check_real("`beta`", beta, low=0.0, low_open=True)
+    desirable_weight = check_real("`desirable_weight`", desirable_weight, low=0.0)
+    undesirable_weight = check_real("`undesirable_weight`", undesirable_weight, low=0.0)
     dtype = _compute_dtype(logps)
     x = beta * (logps.to(dtype) - ref_logps.to(dtype))
     desirable = desirable.to(torch.bool)

@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from .losses import _normalise_loss_types, _validate_params, preference_loss, preference_rewards
 from .ops import LinearLogprobsOutput, linear_logprobs
+from .ops.checks import check_linear_inputs, check_options, check_same_dtype, check_transform
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .sequence import (
     REDUCTIONS,
+    _check_ld_alpha,
     completion_token_weights,
     cu_seqlens_from_seq_ids,
     seq_ids_from_cu_seqlens,
@@ -134,6 +136,24 @@ def _segment_sums(x: Tensor, w: Tensor, layout: _Layout) -> Tensor:
     return contrib.sum(dim=1)
 
 
+def _check_reference_head(ref_hidden: Tensor, ref_weight: Tensor | None, ref_bias: Tensor | None,
+                          weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
+    """The reference's inputs, with errors that name the reference's arguments (the op's own
+    checks would call them ``hidden``/``weight``, the policy's names)."""
+    if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("`ref_bias` needs `ref_weight`: without its own head the reference "
+                             "shares the policy's `weight` and `bias`")
+        shared = "weight (the reference shares the policy's head: no ref_weight given)"
+        names = ("ref_hidden", shared, "labels", "bias (shared with the reference)")
+        ref_weight, ref_bias = weight, bias
+    else:
+        names = ("ref_hidden", "ref_weight", "labels", "ref_bias")
+    check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, names=names)
+    if not torch.is_autocast_enabled(ref_hidden.device.type):  # autocast casts both alike
+        check_same_dtype(ref_hidden, ref_weight, names=names[:2])
+
+
 def fused_linear_preference_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -199,6 +219,9 @@ def fused_linear_preference_loss(
     _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
     if reduction not in REDUCTIONS:
         raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+    _check_ld_alpha(ld_alpha)
+    check_transform(logit_scale, softcap, temperature)
+    check_options(ignore_index, filter_eps, backend)
     hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
     b = layout.num_seqs // 2
 
@@ -225,6 +248,7 @@ def fused_linear_preference_loss(
                 f"`ref_hidden` must have the token layout of `hidden` {tuple(hidden.shape[:-1])} + (D,), "
                 f"got {tuple(ref_hidden.shape)}"
             )
+        _check_reference_head(ref_hidden, ref_weight, ref_bias, weight, bias, labels)
 
     mask = labels != ignore_index
     if not bool(mask.any()):
@@ -368,8 +392,10 @@ class FusedLinearPreferenceLoss(nn.Module):
         _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
         if reduction not in REDUCTIONS:
             raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
-        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"`ld_alpha` must lie in [0, 1] (or be None), got {ld_alpha!r}")
+        _check_ld_alpha(ld_alpha)
+        # The op's options too, so a bad one fails here and not at the first batch.
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
         self.config = dict(
             loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .ops.checks import check_int, check_real
+
 __all__ = [
     "SequenceLogps",
     "REDUCTIONS",
@@ -63,8 +65,7 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_ld_alpha(ld_alpha: float | None) -> None:
-    if ld_alpha is not None and not (0.0 <= float(ld_alpha) <= 1.0):
-        raise ValueError(f"`ld_alpha` must lie in [0, 1] (or be None), got {ld_alpha!r}")
+    check_real("`ld_alpha`", ld_alpha, low=0.0, high=1.0, optional=True)
 
 
 def _float_dtype(x: Tensor) -> torch.dtype:
@@ -101,7 +102,7 @@ def cu_seqlens_from_seq_ids(seq_ids: Tensor, num_seqs: int | None = None) -> Ten
             "`seq_ids` must be >= 0 and non-decreasing (each sequence a contiguous run of tokens); "
             "mark non-completion tokens with the mask, not with a negative id"
         )
-    s = (int(ids.max()) + 1 if ids.numel() else 0) if num_seqs is None else int(num_seqs)
+    s = (int(ids.max()) + 1 if ids.numel() else 0) if num_seqs is None else check_int("`num_seqs`", num_seqs, low=0)
     if ids.numel() and int(ids.max()) >= s:
         raise ValueError(f"`seq_ids` has ids up to {int(ids.max())} but `num_seqs` is {s}")
     counts = torch.bincount(ids, minlength=s)
@@ -141,7 +142,7 @@ def completion_token_weights(
                 f"packed `mask` and `seq_ids` must both be [N]; got {tuple(mask.shape)} and {tuple(seq_ids.shape)}"
             )
         ids = seq_ids.to(torch.int64)
-        s = (int(ids.max()) + 1 if ids.numel() else 0) if num_seqs is None else int(num_seqs)
+        s = (int(ids.max()) + 1 if ids.numel() else 0) if num_seqs is None else check_int("`num_seqs`", num_seqs, low=0)
         if s % 2:
             raise ValueError(
                 f"packed batches must hold chosen then rejected sequences (2B of them); got {s} sequences"

@@ -37,7 +37,7 @@ class Comparison:
 
 def compare_by_rule(name: str, ours: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor,
                     dtype: torch.dtype, extra_tol: float = 0.0) -> Comparison:
-    ours, oracle, same_dtype = ours.double(), oracle.double(), same_dtype.double()
+    ours, oracle, same_dtype = (t.detach().double() for t in (ours, oracle, same_dtype))
     if ours.shape != oracle.shape:
         raise ValueError(f"{name}: shape {tuple(ours.shape)} != oracle shape {tuple(oracle.shape)}")
     finite = bool(torch.isfinite(ours).all())

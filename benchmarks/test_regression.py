@@ -19,7 +19,7 @@ from apo_kernels.bench.inputs import make_bench_inputs
 from apo_kernels.bench.providers import ordinary_logprobs
 from apo_kernels.bench.specs import Spec
 
-pytest.importorskip("pytest_benchmark")
+pytest.importorskip("pytest_benchmark", reason="needs the bench extra: pip install 'apo-kernels[bench]'")
 
 SHAPES = {"small-v": (512, 128, 8192), "large-v": (256, 256, 32000)}
 

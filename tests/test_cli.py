@@ -71,3 +71,44 @@ def test_bench_writes_csv(tmp_path):
             assert r["status"] == "skipped" and "CUDA" in r["error"]  # Triton kernels need a GPU
             continue
         assert r["status"] == "ok" and r["error"] == "" and float(r["median_ms"]) > 0
+
+
+def _without_interpreter_env() -> dict:
+    """The environment a user's shell has: no TRITON_INTERPRET (the conftest sets it here)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "COLUMNS": "200"}
+
+
+_SMALL_CHECK = ("check", "--shapes", "9x16x70", "--dtypes", "float32", "bfloat16", "--no-preference")
+
+
+def test_check_from_a_fresh_shell_runs_triton_through_the_interpreter():
+    """`apo-kernels check` as typed in a shell: the command itself must switch Triton to its
+    interpreter before anything imports triton (it crashed with "Cannot call @triton.jit'd
+    outside of the scope of a kernel"), and print no warning."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    proc = subprocess.run([sys.executable, "-m", "apo_kernels.cli", *_SMALL_CHECK],
+                          capture_output=True, text=True, timeout=600, env=_without_interpreter_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all checks passed" in proc.stdout and "triton" in proc.stdout
+    assert "Warning" not in proc.stderr and "requires_grad" not in proc.stderr, proc.stderr
+
+
+def test_check_called_after_triton_was_imported_reruns_in_a_fresh_process():
+    """`main(["check"])` from a program that had already imported triton for the compiler:
+    triton cannot switch to its interpreter any more, so check reruns itself in a subprocess."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    code = ("import sys, triton; from apo_kernels.cli import main; "
+            f"sys.exit(main({list(_SMALL_CHECK)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=_without_interpreter_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all checks passed" in proc.stdout and "InterpreterError" not in proc.stderr

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="transformers not installed")
-datasets = pytest.importorskip("datasets", reason="datasets not installed")
+pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
+datasets = pytest.importorskip("datasets", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
 from apo_kernels import FusedLinearPreferenceLoss, preference_loss
 from apo_kernels.integrations.collator import PreferenceCollator, tokenize_preference
@@ -132,7 +132,7 @@ def test_precompute_matches_reference_model_and_trainer_learns(ds, tok, tmp_path
 
 
 def test_peft_policy_uses_base_as_reference(ds, tok):
-    peft = pytest.importorskip("peft", reason="peft not installed")
+    peft = pytest.importorskip("peft", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
     model = peft.get_peft_model(build_tiny_model(tok, seed=0), peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     batch = PreferenceCollator(tok)([ds[i] for i in range(4)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers not installed")
+transformers = pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
 from apo_kernels.integrations.transformers import (
     HeadTransform,
@@ -147,7 +147,7 @@ def test_extra_outputs_and_shift_labels():
 
 
 def test_gradient_checkpointing_and_peft():
-    peft = pytest.importorskip("peft", reason="peft not installed")
+    peft = pytest.importorskip("peft", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
     model = _build("llama", torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="TRL not installed (pip install 'apo-kernels[trl]')")
-datasets = pytest.importorskip("datasets", reason="datasets not installed")
+pytest.importorskip("trl", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
+datasets = pytest.importorskip("datasets", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
 import trl.trainer.utils as trl_utils
 from trl import DPOConfig, DPOTrainer
@@ -48,7 +48,7 @@ def _run(data, tmp_path, *, ours: bool, loss_type: str, reference: str) -> tuple
     if reference == "model":
         ref_model = copy.deepcopy(model)
     elif reference == "peft":
-        peft = pytest.importorskip("peft", reason="peft not installed")
+        peft = pytest.importorskip("peft", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
         peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                       task_type="CAUSAL_LM", init_lora_weights=False)
     args = DPOConfig(

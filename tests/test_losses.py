@@ -310,7 +310,7 @@ def test_rewards_metrics(gen):
 
 @pytest.fixture(scope="module")
 def trl_trainers():
-    pytest.importorskip("trl", reason="TRL not installed: `pip install apo-kernels[trl]` for TRL parity tests")
+    pytest.importorskip("trl", reason="TRL parity tests need the trl extra: pip install 'apo-kernels[trl]'")
     import trl
 
     if not trl.__version__.startswith("1.16"):
@@ -505,3 +505,100 @@ def test_matches_trl_kto_apo_zero_unpaired(trl_trainers, gen):
     ).mean()
     torch.testing.assert_close(ours.detach(), trl_loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(ours, leaf2)[0], trl_grad, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# f-divergence scores at large log-ratios. The scores' gradients exp(-r) / exp((a - 1) r) are
+# tiny there but multiply other factors (IPO's squared difference can be huge), and torch's
+# expm1 backward (expm1(x) + 1) rounded them to exactly 0 in fp32 for x below about -17.
+# --------------------------------------------------------------------------------------------
+
+# (f_divergence_type, alpha, log-ratios on the underflowing side, log-ratios whose score is huge)
+_EXP_F_DIVS = [
+    ("forward_kl", 0.5, [18.0, 25.0, 40.0], [-20.0]),
+    ("alpha_divergence", 0.5, [36.0, 45.0, 60.0], [-30.0]),
+    ("alpha_divergence", 2.0, [-18.0, -25.0, -40.0], [20.0]),
+    ("alpha_divergence", 0.3, [26.0, 35.0, 50.0], [-25.0]),
+    ("alpha_divergence", 1.5, [-36.0, -45.0, -60.0], [30.0]),
+]
+_MODERATE = [-2.0, 0.5, 3.0]
+
+
+def _large_ratio_pairs(underflow, huge, loss_type):
+    """Every (chosen, rejected) log-ratio pair from the underflowing and moderate values; for
+    IPO, whose squared difference multiplies the tiny score gradient, the huge side too (the
+    other losses saturate there, and the naive float64 formula overflows)."""
+    values = underflow + _MODERATE + (huge if loss_type == "ipo" else [])
+    grid = torch.tensor([(a, b) for a in values for b in values], dtype=torch.float64)
+    return grid[:, 0], grid[:, 1]
+
+
+def _assert_within_rule(name, ours, oracle, same_dtype, rtol=1e-4):
+    """Elementwise |ours - f64| <= |same-dtype naive - f64| + rtol |f64| (+ fp32's smallest
+    normal): relative, so a tiny true gradient next to a huge one in the same tensor counts."""
+    ours, oracle, same_dtype = ours.double(), oracle.double(), same_dtype.double()
+    err = (ours - oracle).abs()
+    bound = (same_dtype - oracle).abs() + rtol * oracle.abs() + 1.2e-38
+    bad = ~(err <= bound)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} elements off, e.g. ours={ours[bad][:4].tolist()} "
+                           f"f64={oracle[bad][:4].tolist()}")
+
+
+@pytest.mark.parametrize("f_div, alpha, underflow, huge", _EXP_F_DIVS)
+@pytest.mark.parametrize("loss_type", sorted(F_DIVERGENCE_LOSS_TYPES - {"sft"}))
+def test_f_divergence_gradients_at_large_logratios_match_float64(loss_type, f_div, alpha, underflow, huge, gen):
+    r_w, r_l = _large_ratio_pairs(underflow, huge, loss_type)
+    b = r_w.numel()
+    pc = (-100 - 50 * torch.rand(b, generator=gen, dtype=torch.float64)).float()
+    pr = (-100 - 50 * torch.rand(b, generator=gen, dtype=torch.float64)).float()
+    rc, rr = (pc.double() - r_w).float(), (pr.double() - r_l).float()  # fp32 inputs, exact in f64
+    lc, lr = torch.randint(1, 60, (b,), generator=gen), torch.randint(1, 60, (b,), generator=gen)
+    eps = _eps_for(loss_type)
+    kw = dict(loss_type=loss_type, beta=0.1)
+    ours, g_ours = _loss_and_grads(
+        lambda a, b_, c, d: preference_loss(
+            a, b_, c, d, **kw, label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
+            f_divergence_type=f_div, f_alpha_divergence_coef=alpha),
+        pc, pr, rc, rr)
+    naive = lambda a, b_, c, d: reference_loss(  # noqa: E731
+        a, b_, c, d, lc.to(a.dtype), lr.to(a.dtype), **kw, eps=eps, f_div=f_div, alpha=alpha)
+    oracle, g_oracle = _loss_and_grads(naive, *(t.double() for t in (pc, pr, rc, rr)))
+    same, g_same = _loss_and_grads(naive, pc, pr, rc, rr)
+    _assert_within_rule("loss", ours, oracle, same)
+    for name, go, gr, gs in zip(("chosen", "rejected", "ref_chosen", "ref_rejected"), g_ours, g_oracle, g_same):
+        _assert_within_rule(f"d{name}", go, gr, gs)
+        assert (go != 0).sum() >= (gr.abs() > 1e-30).sum(), f"d{name}: a non-zero gradient became 0"
+
+
+def test_ipo_forward_kl_gradient_is_not_zero_at_large_logratios():
+    """The issue's case: IPO with forward KL, chosen log-ratio 25, rejected -20."""
+    pc = torch.tensor([-100.0], requires_grad=True)
+    losses = preference_loss(pc, torch.tensor([-110.0]), torch.tensor([-125.0]), torch.tensor([-90.0]),
+                             loss_type="ipo", beta=0.1, chosen_lengths=torch.tensor([10]),
+                             rejected_lengths=torch.tensor([15]), f_divergence_type="forward_kl")
+    (grad,) = torch.autograd.grad(losses.sum(), pc)
+    # float64: 2 * (s_w/10 - s_l/15 - 5) * exp(-25) / 10 with s = 1 - exp(-r)
+    s_w, s_l = -math.expm1(-25.0), -math.expm1(20.0)
+    expected = 2 * (s_w / 10 - s_l / 15 - 5) * math.exp(-25.0) / 10
+    assert math.isclose(float(grad), expected, rel_tol=1e-5), (float(grad), expected)
+
+
+@pytest.mark.parametrize("f_div, alpha, underflow, huge", _EXP_F_DIVS)
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid", "hinge", "discopop"])
+def test_f_divergence_at_large_logratios_matches_trl(trl_trainers, loss_type, f_div, alpha, underflow, huge, gen):
+    """Against TRL 1.16's own loss in fp32 (it writes 1 - exp(-r), whose gradient does not
+    underflow) and float64: per-token gradients, elementwise."""
+    r_w, r_l = _large_ratio_pairs(underflow, huge, loss_type)
+    b, t = r_w.numel(), 5
+    mask = torch.zeros(2 * b, t, dtype=torch.int64)
+    mask[:, 1:] = 1
+    tok = -torch.rand(2 * b, t - 1, generator=gen) * 4.0
+    seq = tok.double().sum(1)
+    ref_c, ref_r = (seq[:b] - r_w).float(), (seq[b:] - r_l).float()
+    cfg = dict(loss_type=[loss_type], beta=0.1, f_div=f_div, alpha=alpha)
+    trl_loss, trl_grad, _, _ = _trl_dpo(trl_trainers[0], tok, mask, ref_c, ref_r, **cfg)
+    ours, our_grad, _ = _ours_from_tokens(tok, mask, ref_c, ref_r, **cfg)
+    oracle, oracle_grad, _ = _ours_from_tokens(tok.double(), mask, ref_c.double(), ref_r.double(), **cfg)
+    _assert_within_rule("loss", ours.reshape(1), oracle.reshape(1), trl_loss.reshape(1))
+    _assert_within_rule("dlogp", our_grad, oracle_grad, trl_grad)
+    assert torch.isfinite(trl_grad).all() and (trl_grad != 0).any()

@@ -307,7 +307,7 @@ def test_check_preference_rows_and_can_fail(monkeypatch):
 
 def test_tiny_llama_end_to_end(gen):
     """The README example on a tiny random Llama: fused loss == loss from the model's own logits."""
-    transformers = pytest.importorskip("transformers", reason="needs transformers (the `trl` extra)")
+    transformers = pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
     cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64,

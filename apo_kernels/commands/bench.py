@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from .check import _shape
@@ -55,7 +56,8 @@ def register(subparsers) -> None:
                         "process); batch: one per provider's consecutive shapes (GPU default); "
                         "shared: one for everything (quickest start, for smoke tests)")
     p.add_argument("--csv", default=None, help="write the rows to this CSV (rewritten after each row)")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots here (needs matplotlib: the bench extra)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown table here")
     p.add_argument("--quiet", action="store_true", help="no table, only progress lines")
     p.set_defaults(func=run)
@@ -108,22 +110,81 @@ def _print_table(rows, console, title: str) -> None:
         console.print(f"[yellow]{prov}[/yellow] ({', '.join(dict.fromkeys(modes))}) {reason}")
 
 
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, found before the first measurement (a suite takes an
+    hour; failing at its end over an argument wastes it), or None."""
+    if args.reps < 1:
+        return f"--reps must be >= 1, got {args.reps}"
+    if args.tokens is not None and min(args.tokens) < 1:
+        return f"--tokens must be positive, got {args.tokens}"
+    for flag, value in (("--budget-s", args.budget_s), ("--timeout-s", args.timeout_s)):
+        if value is not None and not value > 0:
+            return f"{flag} must be > 0, got {value}"
+    for flag, path in (("--csv", args.csv), ("--markdown", args.markdown)):
+        if path and os.path.isdir(path):
+            return f"{flag} {path} is a directory; give a file name"
+    if args.plots:
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            return f"--plots {args.plots} is a file; give a directory"
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            return "--plots needs matplotlib: pip install 'apo-kernels[bench]'"
+    return None
+
+
+def _report_rows(rows, csv_path: str | None) -> list[dict]:
+    """Rows as the report functions take them (dicts, numbers parsed), through the CSV: the
+    user's, or a temporary one when --plots/--markdown come without --csv."""
+    import tempfile
+
+    from ..bench.report import read_csv, write_csv
+
+    if csv_path:
+        return read_csv(csv_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.csv")
+        write_csv(rows, path)
+        return read_csv(path)
+
+
+def _print_markdown(rows, title: str) -> None:
+    """The table as plain Markdown, for a pipe or a file: rich would cut every cell to fit 80
+    columns there."""
+    from ..bench.report import markdown_table
+
+    print(f"{title}\n")
+    print(markdown_table(_report_rows(rows, None), logits=None), end="")
+    reasons = {}
+    for r in rows:
+        if r.status != "ok":
+            reasons.setdefault((r.provider, f"{r.status}: {r.error}"), []).append(r.mode)
+    for (prov, reason), modes in reasons.items():
+        print(f"\n- {prov} ({', '.join(dict.fromkeys(modes))}) {reason}", end="")
+    print()
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
-    from ..bench.report import markdown_table, plot, read_csv, write_csv
+    from ..bench.report import markdown_table, plot, write_csv
     from ..bench.runner import probe, run_specs
 
-    console = Console()
+    # Progress lines are not wrapped at 80 columns when piped (soft_wrap).
+    console = Console(soft_wrap=not sys.stdout.isatty())
+    problem = _argument_error(args)
+    if problem:
+        console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+        return 2
     t0 = time.monotonic()
     default_dtype = args.dtype or "float32"
-    info = probe(default_dtype)
+    info = probe(default_dtype)  # in a worker: this process never touches the GPU
     env = info.env
-    cuda = env["device_kind"] == "cuda"
     try:
-        specs = _specs(args, cuda)
+        specs = _specs(args, env["device_kind"] == "cuda")
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
     console.print(f"{env['device']}: {info.gemm_dtype} GEMM {info.gemm_tflops:.3f} TFLOP/s; "
                   f"torch {env['torch']}, triton {env['triton']}, trl {env['trl']}, "
@@ -142,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
             reasons_shown.add((row.provider, row.error))
         what = (f"{row.median_ms:9.2f} ms {row.peak_total_mib:9.1f} MiB" if row.status == "ok"
                 else f"{row.status}: {row.error}")
-        console.print(f"[{len(rows):3d}/{len(specs)}] {row.provider:16s} {row.mode:16s} {row.head} "
-                      f"{row.n}x{row.d}x{row.v} {row.logits}: {what}", highlight=False)
+        console.print(escape(f"[{len(rows):3d}/{len(specs)}] {row.provider:16s} {row.mode:16s} "
+                             f"{row.head} {row.n}x{row.d}x{row.v} {row.logits}: {what}"),
+                      highlight=False)
 
     rows_done = run_specs(specs, info, isolate=args.isolate, timeout_s=args.timeout_s,
                           budget_s=args.budget_s, on_row=on_row)
@@ -151,13 +213,13 @@ def run(args: argparse.Namespace) -> int:
         write_csv(rows_done, args.csv)  # in spec order
         console.print(f"wrote {args.csv}")
     if not args.quiet:
-        _print_table(rows_done, console, f"{env['device']} ({rows_done[0].dtype}); GEMM "
-                                         f"{info.gemm_tflops:.3f} TFLOP/s")
+        title = f"{env['device']} ({rows_done[0].dtype}); GEMM {info.gemm_tflops:.3f} TFLOP/s"
+        if console.is_terminal:
+            _print_table(rows_done, console, title)
+        else:
+            _print_markdown(rows_done, title)
     if args.plots or args.markdown:
-        if not args.csv:
-            console.print("[red]error:[/red] --plots and --markdown need --csv")
-            return 2
-        data = read_csv(args.csv)
+        data = _report_rows(rows_done, args.csv)
         if args.plots:
             for path in plot(data, args.plots):
                 console.print(f"wrote {path}")

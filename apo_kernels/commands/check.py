@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -47,14 +48,50 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def prepare_interpreter() -> None:
+    """Without CUDA, Triton kernels run only through Triton's CPU interpreter, which must be
+    switched on before triton is imported: the CLI calls this first thing for ``check``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _rerun_interpreted(argv: list[str]) -> int:
+    """Run ``check`` again in a fresh interpreter with ``TRITON_INTERPRET=1``: this process
+    imported triton for the compiler (e.g. ``main`` called from a program that had imported it),
+    and triton cannot be switched to its interpreter afterwards."""
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "apo_kernels.cli", *argv], env=env).returncode
+
+
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
 
     cuda = torch.cuda.is_available()
     backends = args.backends or ["torch", "triton"]
     if "triton" in backends and not cuda:
-        # Kernels on CPU run only through Triton's interpreter, chosen before triton loads.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        prepare_interpreter()
+        from ..ops.backend import triton_available
+
+        if triton_available():
+            from ..kernels.common import interpreter_active
+
+            if not interpreter_active():
+                return _rerun_interpreted(getattr(args, "argv", None) or ["check"])
+        elif args.backends:
+            print("apo-kernels check: --backends triton needs the triton package (Linux)",
+                  file=sys.stderr)
+            return 2
+        else:
+            backends = [b for b in backends if b != "triton"]  # no triton package: torch only
+    # The interpreter evaluates masked-off lanes too (log(0), 0 * inf there, discarded after):
+    # numpy's warnings about them say nothing about the results.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
     from rich.console import Console
     from rich.table import Table
 
@@ -95,7 +132,6 @@ def _compile_report(console) -> int:
     """Compile in a subprocess: kernels imported under the interpreter cannot compile."""
     import json
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "apo_kernels.kernels.compile_check"],

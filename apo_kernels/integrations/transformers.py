@@ -23,7 +23,6 @@ Everything without ``labels`` (generation, a plain forward) goes to the original
 from __future__ import annotations
 
 import functools
-import math
 import types
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
+from ..ops.checks import check_options, check_real
 
 __all__ = [
     "STAT_OUTPUTS",
@@ -269,8 +269,8 @@ def patch_model(
     Returns:
         The model passed in (patched in place; patching twice only updates the options).
     """
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
+    check_real("`temperature`", temperature, low=0.0, low_open=True, desc="a positive finite number")
+    check_options(ignore_index, filter_eps, backend)  # fail at patch time, not at the first batch
     inner = unwrap_model(model)
     output_head(inner, gather=False)  # fail now, clearly, when there is no usable head
     backbone(inner)

@@ -10,8 +10,18 @@ import triton.language as tl
 
 
 def interpreter_active() -> bool:
-    """True when Triton runs kernels on CPU tensors through its numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels on CPU tensors through its numpy interpreter.
+
+    Triton decides once, when it is imported: its own ``@jit`` helpers (``tl.sum``'s combine
+    function, ``tl.cdiv``...) are built for the interpreter only if ``TRITON_INTERPRET`` was set
+    by then. Setting it later gives a mix that fails inside kernels ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"), so ask triton's standard library, not the environment.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.cdiv, InterpretedFunction)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -69,13 +69,18 @@ def _logit_grad_tile(
         grad_scale = tl.abs(g)
     if LABEL_IN_TILE:
         y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
-        dz += tl.where(v.to(tl.int64)[None, :] == y[:, None], g[:, None], 0.0)
+        is_label = v.to(tl.int64)[None, :] == y[:, None]
+        dz += tl.where(is_label, g[:, None], 0.0)
     dacc = tl.where(n_valid[:, None] & v_valid[None, :], dz * jac, 0.0)
     keep = True
     if FILTER:
         threshold = filter_eps * grad_scale * (scale * inv_temp)
         # `<=` so that NaN counts as large: a NaN gradient is never filtered away.
         small = tl.abs(dacc) <= threshold[:, None]
+        if LABEL_IN_TILE:
+            # The label's one-hot term is exact: a tile holding a label is never skipped, only
+            # the softmax part may be (as in the atomic mode, where it is outside the tiles).
+            small = small & (is_label == 0)
         keep = tl.max(tl.where(small, 0, 1)) > 0
     return dacc, keep
 

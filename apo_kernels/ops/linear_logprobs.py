@@ -253,10 +253,14 @@ def linear_logprobs(
         bias: optional ``[V]`` LM head bias (any float dtype; used in fp32).
         return_entropy: also return the (differentiable) entropy of each token's distribution.
         return_stats: also return mean logit, ``is_top1`` and ``log sum p^2`` (no gradient).
-        filter_eps: backward gradient filter of the Triton backend: a vocabulary tile is
-            skipped when every entry of its logit gradient is at most ``filter_eps`` times the
-            token's gradient scale. ``"auto"``: 2^-12 for bf16, 2^-15 for fp16, exact (None) for
-            fp32. ``None``: exact. The torch backend is always exact.
+        filter_eps: backward gradient filter of the Triton backend, ``"auto"``, None or a
+            number in ``[0, 1)``: a vocabulary tile is skipped when every entry of the softmax
+            part of its logit gradient, ``p_v (g + e (z_v - E[z]))`` (times the transform's
+            Jacobian), is at most ``filter_eps`` times the token's gradient scale
+            ``(|g| + |e|) * logit_scale / temperature``. The label's one-hot term is exact and
+            never filtered. ``"auto"``: 2^-12 for bf16, 2^-15 for fp16, exact (None) for fp32.
+            ``None``: exact. The torch backend is always exact. From 1 on every tile would
+            qualify whatever the data (``p <= 1``), so such values are refused.
         deterministic: bit-reproducible backward without atomics (recomputes the logits twice).
         backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
             or ``"auto"``.

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..losses import preference_loss
 from ..sequence import seq_ids_from_cu_seqlens
 from .backend import resolve_backend
+from .checks import check_real
 
 __all__ = ["HEAD_LOSS_TYPES", "PreferenceHeadOutput", "preference_head"]
 
@@ -121,8 +122,7 @@ def preference_head(
             f"`loss_type` {loss_type!r} has no fused head; valid loss types are {list(HEAD_LOSS_TYPES)} "
             "(use apo_kernels.preference_loss for the others)"
         )
-    if not (isinstance(beta, (int, float)) and beta > 0 and beta < float("inf")):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
+    beta = check_real("`beta`", beta, low=0.0, low_open=True)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"Unknown `backend` {backend!r}; valid backends are ['auto', 'triton', 'torch']")
     if (ref_token_logps is None) == (ref_logps is None):
