@@ -69,3 +69,126 @@ def test_train_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["--dataset", str(tmp_path / "nowhere.jsonl")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_train_malformed_or_binary_dataset_is_one_line_exit_2(tmp_path, capsys):
+    from apo_kernels.commands.train import main
+
+    good = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    cases = {
+        "malformed.jsonl": (good + '{"prompt": "a", "chosen": "b", rejected: "c"}\n').encode(),
+        "list.jsonl": (good + good + '["a", "b"]\n').encode(),
+        "binary.jsonl": bytes(range(256)) * 8,
+        "binary.json": b"\x00\x01\x89PNG\r\n" + bytes(range(256)),
+        "broken.json": b'[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": }]',
+        "binary.parquet": bytes(range(256)) * 8,
+    }
+    expected = {"malformed.jsonl": "line 2", "list.jsonl": "line 3", "binary.jsonl": "line 1",
+                "binary.json": "line 1", "broken.json": "line 2", "binary.parquet": "parquet"}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert main(["--dataset", str(path), "--no-save", "--output-dir", str(tmp_path / "o")]) == 2, name
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, (name, err)  # one line, no traceback, no datasets log lines
+        assert name in lines[0] and expected[name] in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+
+
+def test_train_missing_model_directory_is_one_line_exit_2(tmp_path, capsys):
+    from apo_kernels.commands.train import main
+
+    for model in (str(tmp_path / "nonexistent" / "dir"), "./not/here/either", "no such model!"):
+        assert main(["--model", model, "--no-save", "--output-dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no such directory" in err and model in err, err
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"x")
+    assert main(["--model", str(a_file), "--no-save", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "empty_dir").mkdir()
+    assert main(["--model", str(tmp_path / "empty_dir"), "--gguf-file", "m.gguf", "--no-save",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no GGUF file 'm.gguf'" in capsys.readouterr().err
+    assert main(["--gguf-file", "m.gguf", "--no-save", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--gguf-file needs --model" in capsys.readouterr().err
+
+
+def test_train_hub_id_without_hub_says_models_must_be_local(tmp_path, capsys, monkeypatch):
+    from apo_kernels.commands.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["--model", "no-such-org/no-such-model-xyz", "--no-save", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "not a local directory" in err and "no-such-org/no-such-model-xyz" in err, err
+
+
+def test_train_warns_about_pairs_with_chosen_equal_to_rejected(tmp_path):
+    rows = [{"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": f"A{i}." if i < 3 else f"B{i}."} for i in range(5)]
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = _train("--dataset", str(data), "--steps", "1", "--batch-size", "2", "--no-save",
+                 "--output-dir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [line for line in res.stderr.splitlines() if "identical" in line]
+    assert len(warnings) == 1 and "3 of 5 pairs" in warnings[0], res.stderr[-3000:]
+    assert "Generating train split" not in res.stderr  # datasets' loading noise is silenced
+
+    from apo_kernels.integrations.data import identical_pairs, load_preference_dataset
+
+    assert identical_pairs(load_preference_dataset(tmp_path / "same.jsonl")) == 3
+    msgs = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": x}],
+             "rejected": [{"role": "assistant", "content": y}]} for x, y in (("a", "a"), ("a", "b"))]
+    (tmp_path / "msgs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in msgs))
+    assert identical_pairs(load_preference_dataset(tmp_path / "msgs.jsonl")) == 1
+
+
+def test_train_help_states_each_default_once(capsys):
+    import argparse
+
+    from apo_kernels.commands.train import main, register
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+    assert "(default: train) (default" not in text, text
+    assert "(default: 0.1)" in text and "(default: apo_zero)" in text and "(default: tiny)" in text, text
+
+    parser = argparse.ArgumentParser(prog="apo-kernels")
+    train = register(parser.add_subparsers()) or parser._subparsers._group_actions[0].choices["train"]
+    formatter = train._get_formatter()
+    for action in train._actions:
+        if action.help:
+            expanded = formatter._expand_help(action)
+            assert expanded.lower().count("default") <= 1, (action.option_strings, expanded)
+
+
+def test_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from apo_kernels import _optional
+    from apo_kernels.commands.train import main
+
+    real_find_spec = importlib.util.find_spec
+    missing = {"gguf"}
+    monkeypatch.setattr(_optional.importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    (tmp_path / "m").mkdir()
+    assert main(["--model", str(tmp_path / "m"), "--gguf-file", "x.gguf", "--no-save",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gguf" in err and "pip install 'apo-kernels[trl]'" in err, err
+    missing = {"accelerate"}
+    assert main(["--model", str(tmp_path / "m"), "--gguf-file", "x.gguf", "--no-save",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "`accelerate`" in capsys.readouterr().err
+    missing = {"datasets"}
+    assert main(["--no-save", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "`datasets`" in err and "apo-kernels[trl]" in err
