@@ -129,16 +129,25 @@ def test_train_hub_id_without_hub_says_models_must_be_local(tmp_path, capsys, mo
     assert "not a local directory" in err and "no-such-org/no-such-model-xyz" in err, err
 
 
-def test_train_warns_about_pairs_with_chosen_equal_to_rejected(tmp_path):
+def test_train_warns_about_pairs_with_chosen_equal_to_rejected(tmp_path, capsys):
+    import torch
+
+    from apo_kernels.commands.train import main
+
     rows = [{"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": f"A{i}." if i < 3 else f"B{i}."} for i in range(5)]
     data = tmp_path / "same.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = _train("--dataset", str(data), "--steps", "1", "--batch-size", "2", "--no-save",
-                 "--output-dir", str(tmp_path / "o"), cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    warnings = [line for line in res.stderr.splitlines() if "identical" in line]
-    assert len(warnings) == 1 and "3 of 5 pairs" in warnings[0], res.stderr[-3000:]
-    assert "Generating train split" not in res.stderr  # datasets' loading noise is silenced
+    threads = torch.get_num_threads()  # the tiny run sets 1 thread; give the other tests theirs back
+    try:
+        code = main(["--dataset", str(data), "--steps", "1", "--batch-size", "2", "--no-save",
+                     "--output-dir", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "identical" in line]
+    assert len(warnings) == 1 and "3 of 5 pairs" in warnings[0], err[-3000:]
+    assert "Generating train split" not in err  # datasets' loading noise is silenced
 
     from apo_kernels.integrations.data import identical_pairs, load_preference_dataset
 
