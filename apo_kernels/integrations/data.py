@@ -65,8 +65,9 @@ def _check_json_lines(p: Path) -> None:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{str(p)!r} line {lineno} is not valid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{str(p)!r} line {lineno} is a JSON {type(record).__name__}, not an object "
-                                 f"with prompt/chosen/rejected")
+                raise ValueError(  # noqa: TRY004 - bad input data, reported like every other data error
+                    f"{str(p)!r} line {lineno} is a JSON {type(record).__name__}, not an object "
+                    f"with prompt/chosen/rejected")
 
 
 def _check_json(p: Path) -> None:
