@@ -83,9 +83,11 @@ def test_train_malformed_or_binary_dataset_is_one_line_exit_2(tmp_path, capsys):
         "binary.json": b"\x00\x01\x89PNG\r\n" + bytes(range(256)),
         "broken.json": b'[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": }]',
         "binary.parquet": bytes(range(256)) * 8,
+        "blank.jsonl": b"\n  \n\n",
     }
     expected = {"malformed.jsonl": "line 2", "list.jsonl": "line 3", "binary.jsonl": "line 1",
-                "binary.json": "line 1", "broken.json": "line 2", "binary.parquet": "parquet"}
+                "binary.json": "line 1", "broken.json": "line 2", "binary.parquet": "parquet",
+                "blank.jsonl": "empty"}
     for name, data in cases.items():
         path = tmp_path / name
         path.write_bytes(data)

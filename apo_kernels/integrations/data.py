@@ -51,6 +51,7 @@ def _check_json_lines(p: Path) -> None:
     ``datasets`` reports a malformed line as a multi-screen ``DatasetGenerationError`` without the
     line number; this pass reads the file once, a line at a time (no whole-file copy in memory).
     """
+    records = 0
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -68,6 +69,9 @@ def _check_json_lines(p: Path) -> None:
                 raise ValueError(  # noqa: TRY004 - bad input data, reported like every other data error
                     f"{str(p)!r} line {lineno} is a JSON {type(record).__name__}, not an object "
                     f"with prompt/chosen/rejected")
+            records += 1
+    if records == 0:
+        raise ValueError(f"the preference dataset {str(p)!r} is empty (blank lines only): nothing to train on")
 
 
 def _check_json(p: Path) -> None:
