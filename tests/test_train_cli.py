@@ -323,3 +323,24 @@ def test_train_on_a_real_gguf_model_full_and_lora(tmp_path, gguf_loaded_once, ca
             base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
                     for n, p in trained.items() if "lora_" not in n}
             assert all(torch.equal(p, original[n]) for n, p in base.items())  # frozen base
+
+
+def test_drop_quantization_markers_clears_dense_models_and_refuses_packed_ones():
+    import torch
+
+    from apo_kernels.integrations.models import drop_quantization_markers
+    from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer([["a b c"]]), hidden_size=16, num_layers=1, num_heads=2)
+    model.hf_quantizer, model.is_quantized, model.quantization_method = object(), True, "gguf"
+    model.config.quantization_config = {"quant_method": "gguf"}
+    assert drop_quantization_markers(model) is model
+    assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
+    assert getattr(model, "quantization_method", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+
+    model.hf_quantizer, model.is_quantized = object(), True
+    model.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False))
+    with pytest.raises(ValueError, match="quantised weights"):
+        drop_quantization_markers(model)
+    assert model.is_quantized  # left as it was

@@ -99,6 +99,7 @@ def load_causal_lm(model: str, gguf_file: str | None = None) -> tuple[Any, Any]:
         require("gguf", "trl", "--gguf-file")
         require("accelerate", "trl", "--gguf-file")
     local = _check_local(model, gguf_file)
+    source = str(Path(model).expanduser()) if local else model  # transformers does not expand "~"
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,8 +116,8 @@ def load_causal_lm(model: str, gguf_file: str | None = None) -> tuple[Any, Any]:
         else:
             model_extra["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(model, **extra, **model_extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(source, **extra, **model_extra)
     except (OSError, ValueError) as exc:
         if local:
             raise ValueError(f"cannot load --model {model!r}: {_first_line(exc)}") from None
