@@ -55,8 +55,9 @@ def register(subparsers: Any) -> None:
                    help="a local model directory (a previous --output-dir works; a Hugging Face Hub id only where "
                         "the Hub is reachable), or 'tiny' for a small Llama built in code with a word-level "
                         "tokenizer over the dataset")
-    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model directory; it is dequantised to float32 for training "
-                        "(needs apo-kernels[trl])")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file name inside the --model directory; it is dequantised to float32 for "
+                        "training (needs apo-kernels[trl])")
     p.add_argument("--dataset", default=None,
                    help="JSONL/JSON/parquet file or HF datasets directory with prompt/chosen/rejected "
                         "(strings or chat messages), e.g. clair_out/dataset.messages; default: the "
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.beta <= 0 or not math.isfinite(args.beta):
         return _fail(f"--beta must be a positive number, got {args.beta}")
+    if args.gguf_file and args.model == TINY:
+        return _fail("--gguf-file needs --model: the directory that holds the GGUF file")
     try:
         return _train(args)
     except (ValueError, FileNotFoundError, ImportError) as exc:
@@ -109,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace, dataset: Any) -> tuple[Any, Any]:
     if args.model == TINY:
-        if args.gguf_file:
-            raise ValueError("--gguf-file needs --model: the directory that holds the GGUF file")
         from ..integrations.tiny import build_tiny_model, build_tiny_tokenizer
 
         texts = [list(dataset[c]) for c in dataset.column_names if c in ("prompt", "chosen", "rejected")]
