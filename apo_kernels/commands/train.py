@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
+
 TINY = "tiny"
 # Defaults for the built-in tiny model: sized so the default run takes about a minute on 2 cores.
 TINY_STEPS = 600
@@ -26,6 +28,19 @@ _SHOWN = (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies"
           ("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"))
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Append ``(default: X)`` to an option's help, unless its help already states the default or
+    the default says nothing (``None``, or ``False`` for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def register(subparsers: Any) -> None:
     """Add the ``train`` subcommand (``func`` returns the exit code)."""
     p = subparsers.add_parser(
@@ -34,12 +49,15 @@ def register(subparsers: Any) -> None:
         description="Train a Hugging Face causal LM (or the tiny built-in model) with APO / DPO on "
                     "prompt/chosen/rejected pairs, computing log-probs with apo-kernels' fused op "
                     "(no [tokens, vocab] logits). With no arguments: a ~1 minute CPU demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", default=TINY,
-                   help="HF model id or local path (a previous --output-dir works), or 'tiny' for a small "
-                        "Llama built in code with a word-level tokenizer over the dataset")
-    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (needs the gguf package)")
+                   help="a local model directory (a previous --output-dir works; a Hugging Face Hub id only where "
+                        "the Hub is reachable), or 'tiny' for a small Llama built in code with a word-level "
+                        "tokenizer over the dataset")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file name inside the --model directory; it is dequantised to float32 for "
+                        "training (needs apo-kernels[trl])")
     p.add_argument("--dataset", default=None,
                    help="JSONL/JSON/parquet file or HF datasets directory with prompt/chosen/rejected "
                         "(strings or chat messages), e.g. clair_out/dataset.messages; default: the "
@@ -61,7 +79,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--packed", action="store_true", help="padding-free batches (sequences packed into one row)")
     p.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank (needs peft); 0: full")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="training dtype (auto: bf16 autocast on a CUDA GPU that supports it, else fp32)")
+                   help="training dtype; auto (the default): bf16 autocast on a CUDA GPU that supports it, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     p.add_argument("--logging-steps", type=int, default=25, help="log every this many steps")
@@ -84,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.beta <= 0 or not math.isfinite(args.beta):
         return _fail(f"--beta must be a positive number, got {args.beta}")
+    if args.gguf_file and args.model == TINY:
+        return _fail("--gguf-file needs --model: the directory that holds the GGUF file")
     try:
         return _train(args)
     except (ValueError, FileNotFoundError, ImportError) as exc:
@@ -98,24 +118,15 @@ def _load_model(args: argparse.Namespace, dataset: Any) -> tuple[Any, Any]:
         tokenizer = build_tiny_tokenizer(texts)
         model = build_tiny_model(tokenizer, hidden_size=TINY_HIDDEN, num_layers=TINY_LAYERS, num_heads=4, seed=args.seed)
         return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..integrations.models import load_causal_lm
 
-    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, **extra)
-        model = AutoModelForCausalLM.from_pretrained(args.model, **extra)
-    except OSError as exc:
-        raise ValueError(f"cannot load --model {args.model!r}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_causal_lm(args.model, args.gguf_file)
 
 
 def _lora(model: Any, rank: int) -> Any:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        raise ImportError("--lora-r needs peft: pip install peft") from exc
+    require("peft", "trl", "--lora-r", load=False)
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -123,6 +134,8 @@ def _lora(model: Any, rank: int) -> Any:
 def _train(args: argparse.Namespace) -> int:
     import copy
 
+    for module in ("transformers", "datasets", "accelerate"):  # the Trainer needs all three
+        require(module, "trl", "apo-kernels train", load=False)
     import torch
     from rich.console import Console
     from transformers import TrainingArguments
@@ -130,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from .. import FusedLinearPreferenceLoss
     from ..integrations.collator import PreferenceCollator
-    from ..integrations.data import load_preference_dataset, tiny_dataset_path
+    from ..integrations.data import identical_pairs, load_preference_dataset, tiny_dataset_path
     from ..integrations.trainer import PreferenceTrainer, precompute_ref_logps
     from ..integrations.transformers import output_head
 
@@ -143,6 +156,10 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     dataset_path = args.dataset or str(tiny_dataset_path())
     dataset = load_preference_dataset(dataset_path, split=args.split)
+    same = identical_pairs(dataset)
+    if same:
+        print(f"apo-kernels train: warning: {same} of {len(dataset)} pairs have `chosen` identical to `rejected` "
+              f"(no preference to learn from them; check {dataset_path})", file=sys.stderr)
     model, tokenizer = _load_model(args, dataset)
     output_head(model)  # a clear error for a model without an output embedding
     loss_fn = FusedLinearPreferenceLoss(loss_type=args.loss_type, beta=args.beta)
@@ -193,7 +210,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = PreferenceTrainer(model, training_args, ref_model=ref_model, loss_fn=loss_fn,
                                 data_collator=collator, processing_class=tokenizer, train_dataset=dataset)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_MetricsProgress(log_path))
+    trainer.add_callback(_metrics_progress(log_path))
     result = trainer.train()
 
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -229,28 +246,30 @@ def _print_summary(console: Any, history: list[dict[str, Any]], summary: dict[st
     console.print(f"{summary['steps']} steps in {summary['train_runtime_s']} s; {where}")
 
 
-def _progress_base() -> type:
+def _metrics_progress(log_path: Path) -> Any:
+    """The Trainer's tqdm bar, logging one compact line per logging step (and to a JSONL file).
+
+    Built on first use so that importing this module (``apo-kernels --help``, ``check``) does not
+    import transformers.
+    """
     from transformers.trainer_callback import ProgressCallback
 
-    return ProgressCallback
+    class _MetricsProgress(ProgressCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            log_path.write_text("")
 
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with log_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if "loss" in logs and self.training_bar is not None:
+                self.training_bar.write(f"step {state.global_step:>5}  {_fmt(logs)}")
 
-class _MetricsProgress(_progress_base()):
-    """The Trainer's tqdm bar, logging one compact line per logging step (and to a JSONL file)."""
-
-    def __init__(self, log_path: Path) -> None:
-        super().__init__()
-        self.log_path = log_path
-        log_path.write_text("")
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if "loss" in logs and self.training_bar is not None:
-            self.training_bar.write(f"step {state.global_step:>5}  {_fmt(logs)}")
+    return _MetricsProgress()
 
 
 def main(argv: list[str] | None = None) -> int:

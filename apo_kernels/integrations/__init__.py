@@ -7,4 +7,6 @@
 - :mod:`apo_kernels.integrations.collator`, :mod:`apo_kernels.integrations.trainer`: the light
   path without TRL (preference collator, ``PreferenceTrainer``, reference log-prob precompute).
 - :mod:`apo_kernels.integrations.tiny`: a tiny model and tokenizer built in code (tests, demos).
+- :mod:`apo_kernels.integrations.data`, :mod:`apo_kernels.integrations.models`: load a preference
+  dataset from disk, and a trainable causal LM (a local directory or a GGUF file, dequantised).
 """
