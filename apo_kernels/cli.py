@@ -8,6 +8,7 @@ exit code). Heavy imports happen inside ``func`` so ``apo-kernels --help`` stays
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,7 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    return int(args.func(args) or 0)
+    from ._optional import MissingDependency
+
+    try:
+        return int(args.func(args) or 0)
+    except MissingDependency as exc:  # one line naming the extra, never a traceback
+        print(f"apo-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `apo-kernels model | head`: the reader left, nothing is wrong
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silences the interpreter's flush
+        return 0
 
 
 if __name__ == "__main__":
