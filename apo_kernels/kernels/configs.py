@@ -38,6 +38,11 @@ class TileConfig:
     num_stages: int
     group_n: int = 8  # token blocks per L2 group in the backward's launch order
 
+    @property
+    def label(self) -> str:
+        """``"64x128x32w8s3"``: BLOCK_N x BLOCK_V x BLOCK_D, warps, stages (file-name safe)."""
+        return f"{self.block_n}x{self.block_v}x{self.block_d}w{self.num_warps}s{self.num_stages}"
+
 
 _INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=4, num_stages=1)
 _FWD_16BIT = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)

@@ -32,7 +32,9 @@ import triton.language as tl
 
 from ..ops import skip_stats
 from .common import accurate_tanh, dot_dtype, input_precision
-from .configs import backward_config, forward_config
+from .configs import all_configs, backward_config, forward_config
+from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
 
 _LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
@@ -284,6 +286,66 @@ def _label_term_kernel(
             tl.atomic_add(dw_ptr + y * D + d, coef * h.to(tl.float32), mask=d_valid)
 
 
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every variant ``triton_backward`` can launch on a GPU (see ``compile_check``).
+
+    Per tile config and dtype, each kernel with every optional feature on (``all``: entropy
+    gradient, filter, bias, softcap, dbias), off (``none``: exact, no bias) and, for the atomic
+    kernel, the pre-skip path (``preskip``: filtered, no entropy gradient). fp16 builds only
+    ``all`` (it differs from bf16 in the MMA type alone); fp32 adds ``all`` with TF32 dots.
+    Without a bias the launcher passes an fp32 placeholder for it; an unused tile-max buffer
+    comes with stride 0 (divisible by 16, so marked).
+    """
+    specs = []
+    fwd_block_v = {d: c.block_v for c, d in all_configs()["forward"]}
+    for cfg, dtype in all_configs()["backward"]:
+        variants = ["all", "preskip", "none"] if dtype != torch.float16 else ["all"]
+        if dtype == torch.float32:
+            variants.append("all-tf32")
+        for variant in variants:
+            on = variant.startswith("all")
+            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                         DOT_DTYPE=_DOT_DTYPES[dtype],
+                         INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
+                         stride_hd=1, stride_wd=1)
+            flags = dict(HAS_BIAS=variant != "none", HAS_SOFTCAP=variant != "none",
+                         WITH_ENTROPY=on, FILTER=variant != "none")
+            types = {} if variant != "none" else {"b_ptr": "*fp32"}
+            common = dict(config=cfg.label, dtype=dtype, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, types=types, variant=variant,
+                          expects_dot=True, expects_pipelined=True)
+            preskip = variant == "preskip"
+            specs.append(LaunchSpec(
+                kernel=_backward_atomic_kernel,
+                constexprs=dict(tiles, **flags, COMPUTE_DH=True, COMPUTE_DW=True,
+                                COMPUTE_DB=variant != "none", PRESKIP=preskip,
+                                FWD_BLOCK_V=fwd_block_v[dtype], COUNT_SKIPS=False,
+                                GROUP_N=cfg.group_n),
+                divisible=FAST_PATH_DIVISIBLE + (() if preskip else ("tmax_stride",)),
+                **common))
+            if preskip:
+                continue
+            specs.append(LaunchSpec(kernel=_backward_dh_kernel, constexprs=dict(tiles, **flags),
+                                    divisible=FAST_PATH_DIVISIBLE, **common))
+            specs.append(LaunchSpec(kernel=_backward_dw_kernel,
+                                    constexprs=dict(tiles, **flags, COMPUTE_DW=True,
+                                                    COMPUTE_DB=variant != "none"),
+                                    divisible=FAST_PATH_DIVISIBLE, **common))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for variant in ("all", "none"):
+            on = variant == "all"
+            specs.append(LaunchSpec(
+                kernel=_label_term_kernel, config=f"{_LABEL_BLOCK_D}w4s3", dtype=dtype,
+                variant=variant, num_warps=4, num_stages=3,
+                constexprs=dict(HAS_BIAS=on, HAS_SOFTCAP=on, COMPUTE_DH=True, COMPUTE_DW=True,
+                                COMPUTE_DB=on, BLOCK_D=_LABEL_BLOCK_D, stride_hd=1, stride_wd=1),
+                types={} if on else {"b_ptr": "*fp32"}, divisible=FAST_PATH_DIVISIBLE))
+    return specs
+
+
 def triton_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -310,7 +372,7 @@ def triton_backward(
 
     Args:
         hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` | None, labels ``[N]``, rows ``[M]``:
-            as in the forward.
+            as in the forward (any strides, alignment and D: see ``fast_path``).
         row_max, log_norm, grad_logp: fp32 ``[N]`` (m, log s1 of the forward, dL/dlogp), read
             at ``rows``.
         expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] - m and dL/dH, or None without entropy.
@@ -323,6 +385,48 @@ def triton_backward(
     Atomic mode applies the label term with a sparse per-token kernel after the tiles;
     deterministic mode keeps it inside the tiles.
     """
+    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path):
+    # operands are copied or zero-padded, and gradients written through padded buffers.
+    hidden, weight, d_padded = gemm_operands(hidden, weight)
+    vectors = [None if t is None else aligned(t, name) for name, t in (
+        ("bias", bias), ("labels", labels), ("rows", rows), ("row_max", row_max),
+        ("log_norm", log_norm), ("grad_logp", grad_logp), ("expected_logit", expected_logit),
+        ("grad_entropy", grad_entropy), ("tile_max", tile_max))]
+    grads = (KernelBuffer(grad_hidden, "grad_hidden", d_padded),
+             KernelBuffer(grad_weight, "grad_weight", d_padded), KernelBuffer(grad_bias, "grad_bias"))
+    bias, labels, rows, row_max, log_norm, grad_logp, expected_logit, grad_entropy, tile_max = vectors
+    _launch_backward(
+        hidden, weight, bias, labels, rows, row_max, log_norm, grad_logp, expected_logit,
+        grad_entropy, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+        filter_eps=filter_eps, deterministic=deterministic, grad_hidden=grads[0].tensor,
+        grad_weight=grads[1].tensor, grad_bias=grads[2].tensor, tile_max=tile_max)
+    for buffer in grads:
+        buffer.finish()
+
+
+def _launch_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
+    grad_logp: torch.Tensor,
+    expected_logit: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    filter_eps: float | None,
+    deterministic: bool,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
+    tile_max: torch.Tensor | None = None,
+) -> None:
+    """``triton_backward`` on inputs that already meet the fast path's assumptions."""
     num_rows = rows.numel()
     V, D = weight.shape
     cfg = backward_config(hidden.dtype)

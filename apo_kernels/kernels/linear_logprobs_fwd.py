@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, input_precision
-from .configs import forward_config, vocab_splits
+from .configs import all_configs, forward_config, vocab_splits
+from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
 
 # Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
@@ -158,6 +160,49 @@ def _merge_kernel(
         tl.store(lsp2_ptr + rows, tl.log(s2) - 2.0 * log_s1, mask=n_valid)
 
 
+#: Rows per program of the merge kernel (no tiles to tune: it streams the partials).
+MERGE_BLOCK = 128
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every variant ``triton_forward`` can launch on a GPU (see ``compile_check``).
+
+    Per tile config and dtype: every optional feature on (``all``; the most registers) and off
+    (``none``: a frozen reference model's forward); fp32 with TF32 dots as well as exact ones
+    (``input_precision`` follows torch's TF32 flag). fp16 differs from bf16 only in the MMA
+    type, so only its ``all`` variant is built.
+    """
+    specs = []
+    for cfg, dtype in all_configs()["forward"]:
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for precision in precisions:
+            for flags in ("all", "none"):
+                if flags == "none" and (dtype == torch.float16 or precision == "tf32"):
+                    continue
+                on = flags == "all"
+                dot = {torch.float32: tl.float32, torch.float16: tl.float16,
+                       torch.bfloat16: tl.bfloat16}[dtype]
+                specs.append(LaunchSpec(
+                    kernel=_forward_kernel, config=cfg.label, dtype=dtype,
+                    variant=flags if precision == "ieee" or dtype != torch.float32 else f"{flags}-tf32",
+                    constexprs=dict(HAS_BIAS=on, HAS_SOFTCAP=on, WITH_ENTROPY=on, WITH_STATS=on,
+                                    RECORD_TILE_MAX=on, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                                    BLOCK_D=cfg.block_d, DOT_DTYPE=dot, INPUT_PRECISION=precision,
+                                    stride_hd=1, stride_wd=1),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    # Without a tile-max buffer the launcher passes stride 0 (divisible).
+                    divisible=FAST_PATH_DIVISIBLE + (() if on else ("tmax_stride",)),
+                    expects_dot=True, expects_pipelined=True))
+    for flags in ("all", "none"):
+        on = flags == "all"
+        specs.append(LaunchSpec(
+            kernel=_merge_kernel, config=f"{MERGE_BLOCK}w4s3", dtype=torch.float32, variant=flags,
+            constexprs=dict(WITH_ENTROPY=on, WITH_STATS=on, BLOCK=MERGE_BLOCK),
+            # without stats the launcher passes an fp32 placeholder for the int8 output
+            types={} if on else {"top1_ptr": "*fp32"}, num_warps=4, num_stages=3))
+    return specs
+
+
 def tile_max_columns(vocab_size: int, dtype: torch.dtype) -> int:
     """Columns of the per-tile max buffer: one per forward vocabulary tile."""
     return triton.cdiv(vocab_size, forward_config(dtype).block_v)
@@ -181,8 +226,10 @@ def triton_forward(
     """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
 
     Args:
-        hidden: ``[N, D]`` fp32/fp16/bf16, any strides.
-        weight: ``[V, D]`` same dtype, any strides.  bias: ``[V]`` or None.
+        hidden: ``[N, D]`` fp32/fp16/bf16, any strides and alignment, any D (an operand that
+            breaks the fast path's assumptions is copied or zero-padded first, logged at
+            debug level: see ``fast_path``).
+        weight: ``[V, D]`` same dtype, likewise.  bias: ``[V]`` or None.
         labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
         rows: ``[M]`` int64, the kept token indices (M >= 1).
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
@@ -191,8 +238,16 @@ def triton_forward(
         tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]``: each kept token's max
             transformed logit in each forward vocabulary tile, for the backward's pre-skip.
     """
+    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path).
+    hidden, weight, D = gemm_operands(hidden, weight)
+    bias = aligned(bias, "bias") if bias is not None else None
+    rows, labels = aligned(rows, "rows"), aligned(labels, "labels")
+    written = {name: KernelBuffer(t, name) for name, t in outputs.items()}
+    outputs = {name: b.tensor for name, b in written.items()}
+    tile_max_out = KernelBuffer(tile_max, "tile_max")
+    tile_max = tile_max_out.tensor
     num_rows = rows.numel()
-    V, D = weight.shape
+    V = weight.shape[0]
     cfg = forward_config(hidden.dtype)
     token_blocks = triton.cdiv(num_rows, cfg.block_n)
     splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
@@ -211,7 +266,7 @@ def triton_forward(
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    merge_block = 128
+    merge_block = MERGE_BLOCK
     dummy = outputs["logp"]
     _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
         partials, rows, outputs["logp"], outputs["row_max"], outputs["log_norm"],
@@ -220,3 +275,5 @@ def triton_forward(
         num_rows, splits, splits * num_rows, 1.0 / V,
         WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=merge_block,
     )
+    for buffer in (*written.values(), tile_max_out):
+        buffer.finish()
