@@ -229,7 +229,9 @@ def sass_stats(sass: str) -> dict[str, Any]:
     """Counts of ``COUNTED`` opcodes, GPU/system-scope ``MEMBAR``s, local stores, and the
     distinct wgmma (``64x128x16``) and mma.sync (``16816``) shapes."""
     ops = _INSTRUCTION.findall(sass)
-    base = collections.Counter(op.split(".")[0] for op in ops)
+    # sm_80 spells the global reduction/atomic RED/ATOM (sm_90: REDG/ATOMG); ATOMS is shared.
+    alias = {"RED": "REDG", "ATOM": "ATOMG"}
+    base = collections.Counter(alias.get(op.split(".")[0], op.split(".")[0]) for op in ops)
     stats: dict[str, Any] = {name: base.get(name, 0) for name in COUNTED}
     stats["MEMBAR_GPU"] = sum(1 for op in ops if op.startswith("MEMBAR")
                               and (".GPU" in op or ".SYS" in op))
@@ -270,7 +272,9 @@ def check_spec(spec: LaunchSpec, arch: int) -> tuple[dict, bytes]:
         "kernel": spec.name, "config": spec_label(spec), "tile": spec.config,
         "variant": spec.variant, "dtype": dtype_name(spec.dtype), "target": f"sm_{arch}",
         "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-        "registers": usage["REG"], "shared_memory": usage["SHARED"],
+        # Triton's shared memory is dynamic (sized at launch): the compiler's figure, not
+        # cuobjdump's static SHARED.
+        "registers": usage["REG"], "shared_memory": compiled.metadata.shared,
         "spills": usage["STACK"] + usage["LOCAL"], **stats,
         "compile_s": round(time.perf_counter() - start, 2),
     }
@@ -301,7 +305,7 @@ def run_check(archs: tuple[int, ...] = ARCHS, modules: tuple[str, ...] = KERNEL_
     dupes = [f"{k}.{c}" for (k, c), n in names.items() if n > 1]
     if dupes:
         raise ValueError(f"launch_specs() labels are not unique (set LaunchSpec.variant): {dupes}")
-    work = [(mod, i, arch) for arch in archs for mod, i, _ in specs]
+    work = [(mod, i, arch) for arch in archs for mod, i, s in specs if not s.archs or arch in s.archs]
     jobs = max(1, jobs or os.cpu_count() or 1)
     if jobs == 1:
         results = [_work(j) for j in work]
@@ -332,7 +336,7 @@ def run_check(archs: tuple[int, ...] = ARCHS, modules: tuple[str, ...] = KERNEL_
 # --------------------------------------------------------------------------- launcher check
 
 
-def verify_launchers(arch: int = 90, compile_pairs: int = 2) -> list[str]:
+def verify_launchers(archs: tuple[int, ...] = ARCHS, compile_pairs: int = 2) -> list[str]:
     """Run the real launchers on CPU tensors (kernels captured, not run), match every launch to
     a ``LaunchSpec`` and compare the launcher's own specialisation with the spec's; compile the
     first ``compile_pairs`` matches both ways and compare the cubins. Returns problems found.
@@ -349,40 +353,45 @@ def verify_launchers(arch: int = 90, compile_pairs: int = 2) -> list[str]:
     specs = [s for _, _, s in collect_specs(modules)]
     problems: list[str] = []
     launches: list = []
-    real_resolve = op_module.resolve_backend
+    configs = importlib.import_module(f"{__package__}.configs")
+    real_resolve, real_arch = op_module.resolve_backend, configs.device_arch
     op_module.resolve_backend = lambda backend, device, **kw: "triton"
     try:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for flags in ("all", "none", "preskip"):
-                for deterministic in (False, True):
-                    for tf32 in (False, True) if dtype == torch.float32 else (False,):
-                        with capture_launches(modules) as captured:
-                            _exercise(op_module, dtype, flags, deterministic, tf32)
-                        launches += captured
+        for arch in archs:
+            configs.device_arch = lambda device, _arch=arch: _arch  # the launchers' table row
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for flags in ("all", "none", "preskip"):
+                    for deterministic in (False, True):
+                        for tf32 in (False, True) if dtype == torch.float32 else (False,):
+                            with capture_launches(modules) as captured:
+                                _exercise(op_module, dtype, flags, deterministic, tf32)
+                            launches += [(arch, *launch) for launch in captured]
     finally:
-        op_module.resolve_backend = real_resolve
+        op_module.resolve_backend, configs.device_arch = real_resolve, real_arch
 
     def tiles(kernel, consts: dict, warps: int, stages: int) -> tuple:
         return (kernel, warps, stages, repr(sorted(
             (k, v) for k, v in consts.items() if not isinstance(v, bool))))
 
     spec_sources = [(s, source_for_spec(s)) for s in specs]
-    spec_tiles = {tiles(s.kernel, src[1], s.num_warps, s.num_stages) for s, src in spec_sources}
+    spec_tiles = {(arch, tiles(s.kernel, src[1], s.num_warps, s.num_stages))
+                  for s, src in spec_sources for arch in (s.archs or archs)}
     matched, compiled, seen = set(), 0, set()
-    for kernel, args, kwargs in launches:
+    for arch, kernel, args, kwargs in launches:
         sig, consts, attrs, options = launcher_source(kernel, args, kwargs, arch)
-        key = (kernel.__name__, repr(sorted(consts.items())), repr(sorted(sig.items())),
+        key = (arch, kernel.__name__, repr(sorted(consts.items())), repr(sorted(sig.items())),
                repr(sorted(attrs.items())), options.num_warps, options.num_stages)
         if key in seen:
             continue
         seen.add(key)
-        if tiles(kernel, consts, options.num_warps, options.num_stages) not in spec_tiles:
-            problems.append(f"{kernel.__name__}: launched with a tile configuration no "
+        if (arch, tiles(kernel, consts, options.num_warps, options.num_stages)) not in spec_tiles:
+            problems.append(f"{kernel.__name__} sm_{arch}: launched with a tile configuration no "
                             f"launch_specs() entry lists: {_named(kernel, consts)} "
                             f"(num_warps={options.num_warps}, num_stages={options.num_stages})")
             continue
         match = [(s, src) for s, src in spec_sources if s.kernel is kernel and src[1] == consts
-                 and (s.num_warps, s.num_stages) == (options.num_warps, options.num_stages)]
+                 and (s.num_warps, s.num_stages) == (options.num_warps, options.num_stages)
+                 and (not s.archs or arch in s.archs)]
         if not match:
             continue  # a flag combination the check does not build (documented)
         # Constexprs need not name the dtype (a kernel without dots): prefer the same signature.
@@ -403,7 +412,7 @@ def verify_launchers(arch: int = 90, compile_pairs: int = 2) -> list[str]:
             if ours != theirs:
                 problems.append(f"{kernel.__name__} {spec_label(spec)}: cubins differ")
     problems += [f"{s.name} {spec_label(s)}: no launcher call exercised this spec"
-                 for s in specs if id(s) not in matched]
+                 for s in specs if id(s) not in matched and set(s.archs or archs) & set(archs)]
     if compiled == 0:
         problems.append("no cubin was compiled through the launcher's path for comparison")
     return problems

@@ -39,6 +39,8 @@ class LaunchSpec:
         specs sharing a tile config and dtype get distinct names in the check's output.
     aligned: every pointer argument is 16-byte aligned (the launcher guarantees it), so it is
         marked ``tt.divisibility=16``. ``False`` only for probes of the gates themselves.
+    archs: the compute capabilities (``80``, ``90``) whose launchers pick this variant; empty
+        means every architecture the check compiles for.
     """
 
     kernel: Any
@@ -53,6 +55,7 @@ class LaunchSpec:
     expects_pipelined: bool = False
     variant: str = ""
     aligned: bool = True
+    archs: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:

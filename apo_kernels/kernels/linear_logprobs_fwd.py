@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, input_precision
-from .configs import all_configs, forward_config, vocab_splits
+from .configs import config_choices, forward_config, vocab_splits
 from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
 from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
@@ -167,32 +167,39 @@ MERGE_BLOCK = 128
 def launch_specs() -> list[LaunchSpec]:
     """Every variant ``triton_forward`` can launch on a GPU (see ``compile_check``).
 
-    Per tile config and dtype: every optional feature on (``all``; the most registers) and off
-    (``none``: a frozen reference model's forward); fp32 with TF32 dots as well as exact ones
-    (``input_precision`` follows torch's TF32 flag). fp16 differs from bf16 only in the MMA
-    type, so only its ``all`` variant is built.
+    Per table row (``configs``: role, dtype, architecture): the ``light`` config with bias,
+    softcap and the tile-max record on (``light``: a training forward) and with everything off
+    (``none``: a frozen reference model's forward), the ``heavy`` config with every feature on
+    (``all``); fp32 also with TF32 dots (``input_precision`` follows torch's TF32 flag). fp16
+    differs from bf16 only in the MMA type, so it builds no ``none``.
     """
+    rows: dict[tuple, list[int]] = {}
+    for c in config_choices():
+        if c.family == "forward":
+            rows.setdefault((c.role, c.config, c.dtype, c.precision), []).append(c.arch)
     specs = []
-    for cfg, dtype in all_configs()["forward"]:
-        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for precision in precisions:
-            for flags in ("all", "none"):
-                if flags == "none" and (dtype == torch.float16 or precision == "tf32"):
-                    continue
-                on = flags == "all"
-                dot = {torch.float32: tl.float32, torch.float16: tl.float16,
-                       torch.bfloat16: tl.bfloat16}[dtype]
-                specs.append(LaunchSpec(
-                    kernel=_forward_kernel, config=cfg.label, dtype=dtype,
-                    variant=flags if precision == "ieee" or dtype != torch.float32 else f"{flags}-tf32",
-                    constexprs=dict(HAS_BIAS=on, HAS_SOFTCAP=on, WITH_ENTROPY=on, WITH_STATS=on,
-                                    RECORD_TILE_MAX=on, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                                    BLOCK_D=cfg.block_d, DOT_DTYPE=dot, INPUT_PRECISION=precision,
-                                    stride_hd=1, stride_wd=1),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    # Without a tile-max buffer the launcher passes stride 0 (divisible).
-                    divisible=FAST_PATH_DIVISIBLE + (() if on else ("tmax_stride",)),
-                    expects_dot=True, expects_pipelined=True))
+    for (role, cfg, dtype, precision), archs in rows.items():
+        variants = ["all"] if role == "heavy" else ["light", "none"]
+        if dtype == torch.float16:
+            variants = variants[:1]
+        if precision == "tf32":
+            variants = [f"{variants[0]}-tf32"]
+        for variant in variants:
+            heavy = variant.startswith("all")
+            extras = not variant.startswith("none")
+            record = variant.startswith("light") or heavy
+            specs.append(LaunchSpec(
+                kernel=_forward_kernel, config=cfg.label, dtype=dtype, variant=variant,
+                constexprs=dict(HAS_BIAS=extras, HAS_SOFTCAP=extras, WITH_ENTROPY=heavy,
+                                WITH_STATS=heavy, RECORD_TILE_MAX=record, BLOCK_N=cfg.block_n,
+                                BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                                DOT_DTYPE=_DOT_DTYPES[dtype],
+                                INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
+                                stride_hd=1, stride_wd=1),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=tuple(sorted(archs)),
+                # Without a tile-max buffer the launcher passes stride 0 (divisible).
+                divisible=FAST_PATH_DIVISIBLE + (() if record else ("tmax_stride",)),
+                expects_dot=True, expects_pipelined=True))
     for flags in ("all", "none"):
         on = flags == "all"
         specs.append(LaunchSpec(
@@ -201,6 +208,9 @@ def launch_specs() -> list[LaunchSpec]:
             # without stats the launcher passes an fp32 placeholder for the int8 output
             types={} if on else {"top1_ptr": "*fp32"}, num_warps=4, num_stages=3))
     return specs
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def tile_max_columns(vocab_size: int, dtype: torch.dtype) -> int:
@@ -248,7 +258,7 @@ def triton_forward(
     tile_max = tile_max_out.tensor
     num_rows = rows.numel()
     V = weight.shape[0]
-    cfg = forward_config(hidden.dtype)
+    cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats, device=hidden.device)
     token_blocks = triton.cdiv(num_rows, cfg.block_n)
     splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
     if NUM_PARTIALS * splits * num_rows >= 2**31:

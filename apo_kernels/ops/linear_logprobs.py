@@ -153,8 +153,9 @@ def _backward_op(
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
             expected_logit = norm[1] - entropy  # E_p[z] - m = log s1 - H
-        # norm[1] starts 4N bytes in: the launcher copies it when that is not 16-byte aligned.
-        args = (hidden, weight, bias, labels, rows, norm[0], norm[1], grad_logp, expected_logit,
+        # norm[1] starts 4N bytes in: an [N] copy keeps the kernels' pointers 16-byte aligned.
+        log_norm = norm[1] if norm[1].data_ptr() % 16 == 0 else norm[1].clone()
+        args = (hidden, weight, bias, labels, rows, norm[0], log_norm, grad_logp, expected_logit,
                 grad_entropy)
         kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                       grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
