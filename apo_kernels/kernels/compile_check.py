@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -72,6 +72,15 @@ _DIVISIBLE = [["tt.divisibility", 16]]
 
 
 def _module(name: str):
+    """A kernel module by name (relative to this package, or dotted absolute) or file path."""
+    if name.endswith(".py"):
+        key = f"_compile_check_{os.path.splitext(os.path.basename(name))[0]}"
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, name)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module  # before exec: triton's JIT looks the module up
+            spec.loader.exec_module(module)
+        return sys.modules[key]
     return importlib.import_module(name if "." in name else f"{__package__}.{name}")
 
 
@@ -90,7 +99,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def spec_label(spec: LaunchSpec) -> str:
     """``<config>-<dtype>[-<variant>]``: unique per kernel, file-name safe."""
-    label = spec.config if dtype_name(spec.dtype) in spec.config else f"{spec.config}-{dtype_name(spec.dtype)}"
+    dtype = dtype_name(spec.dtype)
+    label = spec.config if dtype in spec.config else f"{spec.config}-{dtype}"
     return f"{label}-{spec.variant}" if spec.variant else label
 
 
@@ -104,7 +114,10 @@ def _arg_type(name: str, spec: LaunchSpec) -> str:
     return "fp32" if name in _FLOATS else "i32"
 
 
-def source_for_spec(spec: LaunchSpec) -> tuple[dict[str, str], dict[tuple[int], Any], dict[tuple[int], list]]:
+Source = tuple[dict[str, str], dict[tuple[int], Any], dict[tuple[int], list]]
+
+
+def source_for_spec(spec: LaunchSpec) -> Source:
     """``(signature, constexprs, attrs)`` as triton's launcher builds them for this variant."""
     kernel = spec.kernel
     unknown = sorted(set(spec.constexprs) - set(kernel.arg_names))
@@ -164,7 +177,8 @@ def capture_launches(modules: tuple[str, ...] = KERNEL_MODULES) -> Iterator[list
     patched = []
     for mod in modules:
         for obj in vars(_module(mod)).values():
-            if isinstance(obj, triton.runtime.jit.JITFunction) and obj not in (p for p, _ in patched):
+            is_kernel = isinstance(obj, triton.runtime.jit.JITFunction)
+            if is_kernel and all(obj is not p for p, _ in patched):
                 def run(*args, _kernel=obj, grid, warmup, **kwargs):
                     launches.append((_kernel, args, kwargs))
                 patched.append((obj, obj.__dict__.get("run")))
@@ -222,7 +236,8 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 # "/*0a20*/   @!P2 LDGSTS.E.BYPASS.128 [R75+0x6000], ..." -> "LDGSTS.E.BYPASS.128"
-_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
+_INSTRUCTION = re.compile(
+    r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
 
 
 def sass_stats(sass: str) -> dict[str, Any]:
@@ -305,7 +320,8 @@ def run_check(archs: tuple[int, ...] = ARCHS, modules: tuple[str, ...] = KERNEL_
     dupes = [f"{k}.{c}" for (k, c), n in names.items() if n > 1]
     if dupes:
         raise ValueError(f"launch_specs() labels are not unique (set LaunchSpec.variant): {dupes}")
-    work = [(mod, i, arch) for arch in archs for mod, i, s in specs if not s.archs or arch in s.archs]
+    work = [(mod, i, arch) for arch in archs for mod, i, s in specs
+            if not s.archs or arch in s.archs]
     jobs = max(1, jobs or os.cpu_count() or 1)
     if jobs == 1:
         results = [_work(j) for j in work]
@@ -399,7 +415,8 @@ def verify_launchers(archs: tuple[int, ...] = ARCHS, compile_pairs: int = 2) -> 
         matched.add(id(spec))
         if s_sig != sig:
             diff = {k: (s_sig.get(k), sig.get(k)) for k in sig if s_sig.get(k) != sig.get(k)}
-            problems.append(f"{kernel.__name__} {spec_label(spec)}: signature spec vs launcher {diff}")
+            problems.append(f"{kernel.__name__} {spec_label(spec)}: signature spec vs "
+                            f"launcher {diff}")
         if s_attrs != attrs:
             diff = {kernel.arg_names[k[0]]: (s_attrs.get(k), attrs.get(k))
                     for k in set(attrs) | set(s_attrs) if s_attrs.get(k) != attrs.get(k)}
@@ -407,7 +424,8 @@ def verify_launchers(archs: tuple[int, ...] = ARCHS, compile_pairs: int = 2) -> 
                             f"launcher {diff}")
         elif s_sig == sig and compiled < compile_pairs and kernel.__name__ == "_forward_kernel":
             ours = compile_spec(spec, arch).asm["cubin"]
-            theirs = compile_source(kernel, sig, consts, attrs, arch, dict(options.__dict__)).asm["cubin"]
+            theirs = compile_source(kernel, sig, consts, attrs, arch,
+                                    dict(options.__dict__)).asm["cubin"]
             compiled += 1
             if ours != theirs:
                 problems.append(f"{kernel.__name__} {spec_label(spec)}: cubins differ")
@@ -457,7 +475,8 @@ def format_table(entries: list[dict]) -> str:
         failed = [k for k, v in e["gates"].items() if v is False]
         rows.append([e["kernel"], e["config"], e["target"], e["registers"], e["shared_memory"],
                      e["spills"], *(e[c] for c in COUNTED), e["MEMBAR_GPU"],
-                     ",".join(e["hgmma_shapes"]) or "-", "FAIL " + ",".join(failed) if failed else "ok"])
+                     ",".join(e["hgmma_shapes"]) or "-",
+                     "FAIL " + ",".join(failed) if failed else "ok"])
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in rows]
@@ -471,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("archs", nargs="*", type=int, help="compute capabilities (default 80 90)")
     parser.add_argument("--arch", dest="arch_opt", nargs="+", type=int, default=None)
     parser.add_argument("--modules", nargs="+", default=None,
-                        help=f"kernel modules (default: {' '.join(KERNEL_MODULES)})")
+                        help=f"kernel modules: names, dotted or .py paths (default: "
+                             f"{' '.join(KERNEL_MODULES)})")
     parser.add_argument("--dump-dir", default=None, help="write cubins and compile.json here")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
     parser.add_argument("--json", action="store_true", help="one JSON entry per line on stdout")

@@ -77,10 +77,12 @@ def gemm_operand(t: torch.Tensor, name: str, d_padded: int) -> torch.Tensor:
     return t.contiguous() if t.stride(1) != 1 or not t.is_contiguous() else t.clone()
 
 
-def gemm_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gemm_operands(hidden: torch.Tensor,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(hidden, weight, D_padded)`` meeting the fast path's assumptions (see the module)."""
     d_padded = padded_size(weight.shape[1])
-    return gemm_operand(hidden, "hidden", d_padded), gemm_operand(weight, "weight", d_padded), d_padded
+    return (gemm_operand(hidden, "hidden", d_padded), gemm_operand(weight, "weight", d_padded),
+            d_padded)
 
 
 class KernelBuffer:
