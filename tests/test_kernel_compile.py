@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -147,3 +148,23 @@ def test_sass_parser_counts_opcodes_scopes_and_shapes():
     assert (s["LDGSTS"], s["HGMMA"], s["HMMA"], s["MEMBAR"], s["MEMBAR_GPU"]) == (2, 2, 1, 2, 1)
     assert (s["ATOMG"], s["REDG"], s["UTMALDG"], s["STL"]) == (1, 2, 0, 1)
     assert s["hgmma_shapes"] == ["64x128x16", "64x64x16"] and s["hmma_shapes"] == ["16816"]
+
+
+def test_tile_table_keeps_the_invariants_the_launchers_rely_on():
+    """One forward BLOCK_V per dtype (the tile-max buffer has a column per forward tile), a
+    multiple of the atomic backward's (pre-skip); Hopper 16-bit tiles give every wgmma >= 64
+    rows per warp group (BLOCK_N / warp groups) and the gradient GEMMs n = BLOCK_D >= 64."""
+    from apo_kernels.kernels.configs import config_choices
+
+    rows = config_choices()
+    for dtype in {c.dtype for c in rows}:
+        fwd = {c.config.block_v for c in rows if c.family == "forward" and c.dtype == dtype}
+        assert len(fwd) == 1, (dtype, fwd)
+        for c in rows:
+            if c.family == "backward" and c.role == "atomic" and c.dtype == dtype:
+                assert next(iter(fwd)) % c.config.block_v == 0, c
+    for c in rows:
+        if c.arch == 90 and c.dtype != torch.float32:
+            assert c.config.block_n >= 64 and c.config.block_v >= 64, c
+            if c.family == "backward":
+                assert c.config.block_d >= 64, c

@@ -1,19 +1,36 @@
-"""Tile configurations the launchers pick from, by device, dtype and shape.
+"""Tile configurations the launchers pick from, by device architecture, dtype and role.
 
-Every configuration a launcher can return is listed in ``all_configs`` so the compile test
-(tests/test_kernel_compile.py) builds each one for sm_80 and sm_90 and checks it for spills.
+Every configuration a launcher can return is a row of ``_TABLE``; the kernel modules'
+``launch_specs()`` turn the rows into the variants ``compile_check`` builds for the row's
+architecture (sm_80 rows for Ampere and older, sm_90 rows for Hopper and newer) and gates on
+the SASS (tests/test_kernel_compile.py): tensor-core MMA, pipelined (``cp.async``) operand
+loads, no spills, relaxed atomics, and on sm_90 every 16-bit wgmma at least 64 x 64.
+Not yet tuned on a device: chosen from what the compiler emits. What the check showed for the
+chosen rows (triton 3.9, compiled as the launcher compiles them: aligned pointers, ``D`` and
+row strides divisible by 16; registers per thread, spilled bytes, wgmma shape per warp group):
 
-The GPU entries are first choices that compile for sm_80 and sm_90 without register spills
-(checked by the compile test with every optional feature on), not yet tuned on a device;
-tuned entries will name the device they were tuned on. What the compile check showed when
-they were chosen (triton 3.9, registers per thread, spilled bytes):
-- forward, 16-bit: 128x128 tiles spill on both archs (255 regs, 224-552 B: the tile's fp32
-  logits, probabilities and the entropy/stat terms are all live); 64x128x32 with 8 warps
-  does not (234-242 regs).
-- backward, 16-bit: the tile's logit gradient stays live across the two gradient GEMMs;
-  64x128 spills, 64x64x32 with 8 warps does not (140-220 regs).
-- fp32 inputs: operands are twice the bytes; 64x64x32 forward and 32x64x32 backward (8 warps:
-  with 4 the dW kernel spills 8 B on sm_90).
+- forward, 16-bit, ``light`` (no entropy/stats; bias, softcap, tile-max on) 128x128x32, 8 warps,
+  3 stages: sm_90 230 regs, 0 B, ``HGMMA.64x128x16``, 12 ``LDGSTS``; sm_80 232 regs, 0 B, HMMA.
+  With entropy and stats on (``heavy``) 128x128 spills (sm_90 255 regs, 8 B; sm_80 264 B), so
+  heavy stays 64x128x32 w8: sm_90 188 regs, ``64x64x16``; sm_80 182 regs.
+- backward, 16-bit, atomic tile kernel 128x128x64 w8 s2 on sm_90: 255 regs (pre-skip 231, none
+  198), 0 B, ``64x128x16`` (logits) and ``64x64x16`` (dH, dW: n = BLOCK_D = 64), 32 ``LDGSTS``,
+  17 ``REDG``, no GPU-scope ``MEMBAR``. On sm_80 it spills (320 B), so sm_80 uses 128x64x32 w8
+  (190 regs). Deterministic dH 128x64x64 w8 (sm_90 242 regs, ``64x64x16``; 128x128 spills
+  240 B) and dW 64x128x64 w8 (sm_90 250 regs, ``64x64x16``; 128x64 gives a 64x32 dW GEMM,
+  128x128 spills 576 B); sm_80 128x64x64 w8 for both (221 / 206 regs).
+- fp32, exact dots (torch's default, no TF32): CUDA-core FMAs, pipelined. Forward 64x64x32 w8
+  (128-144 regs), heavy 32x64x32 (sm_90 w4 144 regs: 8 warps cap registers at 128 and spill
+  16 B); backward atomic 32x64x32 w8 (70-107 regs), dH 64x64x32 w8 (sm_80 255 regs, 0 B), dW
+  64x64x32 w8 on sm_90, 64x32x32 on sm_80 (64x64 spills 8 B there).
+- fp32 with TF32 dots (``allow_tf32``): sm_90 64-row tiles with 4 warps so wgmma applies
+  (forward 64x64x32 w4: ``64x64x8``; backward 64x64x32 w4: ``64x64x8`` and ``64x32x8``, 175-250
+  regs; 32-row tiles fell back to ``mma.sync``); sm_80 keeps 64x64x32 / 32x64x32 w8.
+
+Before these rows (and before ``sem="relaxed"``), the same check found: every atomic kernel
+fenced (``MEMBAR.ALL.GPU`` + ``ATOMG`` per ``tl.atomic_add``: 17 per backward tile), the 16-bit
+backward's wgmma 64x16x16 / 64x32x16, the fp32 TF32 dH kernel on ``mma.sync``, and spills of
+8-16 B in the fp32 forward (all features) and four backward variants.
 Under the interpreter tiles are small (numpy cost grows with the tile) but still >= 16 (tl.dot's
 minimum), and the vocabulary is split eagerly so tests exercise the split-merge path.
 """
