@@ -68,8 +68,10 @@ def test_strided_operands_are_copied_contiguous(caplog):
     with caplog.at_level(logging.DEBUG, logger="apo_kernels"):
         _check(hidden, weight, labels, bias, torch.float32)
     messages = _fast_path_messages(caplog)
-    assert any("copying hidden (29, 48)" in m and "inner stride 2 != 1" in m for m in messages), messages
-    assert any("copying weight (300, 48)" in m and "inner stride 300 != 1" in m for m in messages), messages
+    assert any("copying hidden (29, 48)" in m and "inner stride 2 != 1" in m
+               for m in messages), messages
+    assert any("copying weight (300, 48)" in m and "inner stride 300 != 1" in m
+               for m in messages), messages
 
 
 def test_row_stride_not_a_multiple_of_16_is_copied(caplog):

@@ -52,7 +52,8 @@ def test_every_variant_passes_the_sass_gates(full_check, arch):
     assert DOT_KERNELS | {"_merge_kernel", "_label_term_kernel", "_preference_head_fwd",
                           "_preference_head_bwd"} <= {e["kernel"] for e in mine}
     failed = [f"{e['kernel']} {e['config']}: {e['gates']} (spills {e['spills']}, "
-              f"MEMBAR.GPU {e['MEMBAR_GPU']}, LDGSTS {e['LDGSTS']})" for e in mine if not e["passed"]]
+              f"MEMBAR.GPU {e['MEMBAR_GPU']}, LDGSTS {e['LDGSTS']})"
+              for e in mine if not e["passed"]]
     assert not failed, "gates failed:\n" + "\n".join(failed)
     dots = [e for e in mine if e["kernel"] in DOT_KERNELS]
     # The gates were applied, not skipped: what they look for is there.

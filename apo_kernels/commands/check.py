@@ -131,10 +131,11 @@ def _compile_report(console, dump_dir: str | None = None, archs: list[int] | Non
     for e in entries:
         failed = [k for k, v in e["gates"].items() if v is False]
         failures += bool(failed)
-        table.add_row(e["kernel"], e["config"], e["target"].removeprefix("sm_"), str(e["registers"]),
-                      f"{e['shared_memory'] / 1024:.0f}",
-                      f"[red]{e['spills']}[/]" if e["spills"] else "0", *(str(e[c]) for c in counted),
-                      str(e["MEMBAR_GPU"]), ",".join(e["hgmma_shapes"]) or "-",
+        table.add_row(e["kernel"], e["config"], e["target"].removeprefix("sm_"),
+                      str(e["registers"]), f"{e['shared_memory'] / 1024:.0f}",
+                      f"[red]{e['spills']}[/]" if e["spills"] else "0",
+                      *(str(e[c]) for c in counted), str(e["MEMBAR_GPU"]),
+                      ",".join(e["hgmma_shapes"]) or "-",
                       f"[red]FAIL {','.join(failed)}[/]" if failed else "[green]pass[/]")
     console.print(table)
     console.print(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
