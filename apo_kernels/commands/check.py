@@ -44,7 +44,16 @@ def register(subparsers) -> None:
     p.add_argument("--no-preference", action="store_true",
                    help="skip the check of the fused preference loss (APO-zero, APO-down, DPO, IPO)")
     p.add_argument("--compile", action="store_true",
-                   help="also compile every kernel config for sm_80/sm_90 and report spills")
+                   help="also compile every kernel variant the launchers can pick for sm_80 and "
+                        "sm_90 (no GPU needed) and gate the SASS: tensor-core MMA, pipelined "
+                        "loads, no spills, no fenced atomics (docs/compile_check.md)")
+    p.add_argument("--dump-dir", default=None, metavar="DIR",
+                   help="with --compile: write each cubin as DIR/<kernel>.<config>.sm<cc>.cubin "
+                        "and the manifest DIR/compile.json")
+    p.add_argument("--compile-arch", type=int, nargs="+", default=None, metavar="CC",
+                   help="with --compile: compute capabilities (default: 80 90)")
+    p.add_argument("--compile-modules", nargs="+", default=None, metavar="MODULE",
+                   help="with --compile: kernel modules to build (default: every kernel module)")
     p.set_defaults(func=run)
 
 
@@ -123,39 +132,51 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_preference:
         failures += _preference_report(console, backends, dtypes, device, args.seed)
     if args.compile:
-        failures += _compile_report(console)
+        failures += _compile_report(console, args.dump_dir, args.compile_arch, args.compile_modules)
     console.print("[green]all checks passed[/]" if not failures else f"[red]{failures} check(s) failed[/]")
     return 1 if failures else 0
 
 
-def _compile_report(console) -> int:
+def _compile_report(console, dump_dir: str | None = None, archs: list[int] | None = None,
+                    modules: list[str] | None = None) -> int:
     """Compile in a subprocess: kernels imported under the interpreter cannot compile."""
     import json
     import subprocess
 
+    cmd = [sys.executable, "-m", "apo_kernels.kernels.compile_check", "--json"]
+    if dump_dir:
+        cmd += ["--dump-dir", dump_dir]
+    if archs:
+        cmd += ["--arch", *map(str, archs)]
+    if modules:
+        cmd += ["--modules", *modules]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "apo_kernels.kernels.compile_check"],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    entries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode not in (0, 1) or not entries:
         console.print(f"[red]compile check failed[/]\n{proc.stderr[-2000:]}")
         return 1
     from rich.table import Table
 
-    table = Table(title="kernel configurations compiled for GPUs (no GPU needed)")
-    for col in ("kernel", "sm", "dtype", "features", "tile NxVxD/warps/stages", "regs",
-                "shared KiB", "spilled B", "MMA"):
+    table = Table(title="kernel variants compiled as the launcher would (no GPU needed): SASS")
+    counted = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "ATOMG", "REDG", "MEMBAR")
+    for col in ("kernel", "config", "sm", "regs", "smem KiB", "spills", *counted, "MEMBAR.GPU",
+                "wgmma", "gates"):
         table.add_column(col)
     failures = 0
-    for line in proc.stdout.splitlines():
-        r = json.loads(line)
-        c = r["config"]
-        bad = r["local_bytes"] > 0
-        failures += bad
-        table.add_row(r["kernel"], str(r["arch"]), r["dtype"], r["flags"],
-                      f"{c['block_n']}x{c['block_v']}x{c['block_d']}/{c['num_warps']}/{c['num_stages']}",
-                      str(r["registers"]), f"{r['shared_bytes'] / 1024:.0f}",
-                      f"[red]{r['local_bytes']}[/]" if bad else "0", "yes" if r["has_tensor_core_mma"] else "no")
+    for e in entries:
+        failed = [k for k, v in e["gates"].items() if v is False]
+        failures += bool(failed)
+        table.add_row(e["kernel"], e["config"], e["target"].removeprefix("sm_"),
+                      str(e["registers"]), f"{e['shared_memory'] / 1024:.0f}",
+                      f"[red]{e['spills']}[/]" if e["spills"] else "0",
+                      *(str(e[c]) for c in counted), str(e["MEMBAR_GPU"]),
+                      ",".join(e["hgmma_shapes"]) or "-",
+                      f"[red]FAIL {','.join(failed)}[/]" if failed else "[green]pass[/]")
     console.print(table)
+    console.print(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+    if dump_dir:
+        console.print(f"cubins and compile.json written to {dump_dir}")
     return failures
 
 

@@ -33,6 +33,14 @@ class LaunchSpec:
     expects_dot: the kernel has a ``tl.dot`` (gate: HGMMA on sm_90 for 16-bit, HMMA on sm_80).
     expects_pipelined: the kernel has a K loop whose operand loads must be pipelined
         (gate: LDGSTS or UTMALDG present).
+
+    Optional (defaults keep the meaning above):
+    variant: file-name-safe label of the flag set (``"all"``, ``"none"``, ``"tf32"``...), so
+        specs sharing a tile config and dtype get distinct names in the check's output.
+    aligned: every pointer argument is 16-byte aligned (the launcher guarantees it), so it is
+        marked ``tt.divisibility=16``. ``False`` only for probes of the gates themselves.
+    archs: the compute capabilities (``80``, ``90``) whose launchers pick this variant; empty
+        means every architecture the check compiles for.
     """
 
     kernel: Any
@@ -45,6 +53,9 @@ class LaunchSpec:
     types: dict[str, str] = field(default_factory=dict)
     expects_dot: bool = False
     expects_pipelined: bool = False
+    variant: str = ""
+    aligned: bool = True
+    archs: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:

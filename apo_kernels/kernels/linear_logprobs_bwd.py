@@ -17,7 +17,9 @@ Two schedules:
   as a sparse update (``dH_t += g_t jac_ty W[y_t]``, ``dW[y_t] += g_t jac_ty h_t``), so a tile only
   carries ``-p (...)`` and is skipped (no gradient GEMMs, no atomics) when every entry is below
   ``filter_eps`` times the token's gradient scale ``(|g| + |e|) * scale / T``.
-  Atomic fp32 adds make the result order-dependent in its last bits.
+  Atomic fp32 adds make the result order-dependent in its last bits. Every atomic is
+  ``sem="relaxed"`` (a fire-and-forget ``REDG``): the default ``acq_rel`` fences each one
+  with ``MEMBAR.ALL.GPU``, and nothing reads the sums before the kernel ends.
 - deterministic: a dH kernel (one program per token block, looping over the vocabulary) and a
   dW kernel (one program per vocab block, looping over tokens); each owns its output rows, so
   no atomics, bit-identical results run to run. The logits are recomputed twice (8NDV FLOPs
@@ -32,7 +34,9 @@ import triton.language as tl
 
 from ..ops import skip_stats
 from .common import accurate_tanh, dot_dtype, input_precision
-from .configs import backward_config, forward_config
+from .configs import TileConfig, backward_config, config_choices, forward_config
+from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
 
 _LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
@@ -130,7 +134,7 @@ def _backward_atomic_kernel(
         worth_recomputing = tl.max(tl.where(p_bound <= filter_eps, 0, 1)) > 0
         if COUNT_SKIPS:
             if not worth_recomputing:
-                tl.atomic_add(skips_ptr, 1)
+                tl.atomic_add(skips_ptr, 1, sem="relaxed")
     if worth_recomputing:
         dacc, keep = _logit_grad_tile(
             h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
@@ -140,10 +144,10 @@ def _backward_atomic_kernel(
             BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         if COUNT_SKIPS:
             if not keep:
-                tl.atomic_add(skips_ptr + 1, 1)
+                tl.atomic_add(skips_ptr + 1, 1, sem="relaxed")
         if keep:
             if COMPUTE_DB:
-                tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid)
+                tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid, sem="relaxed")
             dacc_op = dacc.to(DOT_DTYPE)
             v64 = v.to(tl.int64)
             for d0 in range(0, D, BLOCK_D):
@@ -154,14 +158,14 @@ def _backward_atomic_kernel(
                                 mask=v_valid[:, None] & d_valid[None, :], other=0.0)
                     dh = tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                     tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
-                                  mask=n_valid[:, None] & d_valid[None, :])
+                                  mask=n_valid[:, None] & d_valid[None, :], sem="relaxed")
                 if COMPUTE_DW:
                     h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
                                 mask=n_valid[:, None] & d_valid[None, :], other=0.0)
                     dw = tl.dot(tl.trans(dacc_op), h.to(DOT_DTYPE),
                                 input_precision=INPUT_PRECISION)
                     tl.atomic_add(dw_ptr + v64[:, None] * D + d[None, :], dw,
-                                  mask=v_valid[:, None] & d_valid[None, :])
+                                  mask=v_valid[:, None] & d_valid[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -275,7 +279,7 @@ def _label_term_kernel(
         th = accurate_tanh(raw * scale / softcap)
         coef = coef * (1.0 - th * th)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + y, coef)
+        tl.atomic_add(db_ptr + y, coef, sem="relaxed")
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_valid = d < D
@@ -286,7 +290,67 @@ def _label_term_kernel(
                      mask=d_valid)
         if COMPUTE_DW:
             h = tl.load(h_ptr + row * stride_hn + d * stride_hd, mask=d_valid, other=0.0)
-            tl.atomic_add(dw_ptr + y * D + d, coef * h.to(tl.float32), mask=d_valid)
+            tl.atomic_add(dw_ptr + y * D + d, coef * h.to(tl.float32), mask=d_valid, sem="relaxed")
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every variant ``triton_backward`` can launch on a GPU (see ``compile_check``).
+
+    Per table row (``configs``: kernel, dtype, architecture), each kernel with every optional
+    feature on (``all``: entropy gradient, filter, bias, softcap, dbias), off (``none``: exact,
+    no bias) and, for the atomic kernel, the pre-skip path (``preskip``: filtered, no entropy
+    gradient). fp16 builds only ``all`` (it differs from bf16 in the MMA type alone); fp32
+    adds ``all`` with TF32 dots. Without a bias the launcher passes an fp32 placeholder for
+    it; an unused tile-max buffer comes with stride 0 (divisible by 16, so marked).
+    """
+    rows: dict[tuple, list[int]] = {}
+    for c in config_choices():
+        if c.family == "backward":
+            rows.setdefault((c.role, c.config, c.dtype, c.precision), []).append(c.arch)
+    kernels = {"atomic": _backward_atomic_kernel, "dh": _backward_dh_kernel,
+               "dw": _backward_dw_kernel}
+    specs = []
+    for (role, cfg, dtype, precision), archs in rows.items():
+        variants = ["all", "none"] if dtype != torch.float16 else ["all"]
+        if role == "atomic" and dtype != torch.float16:
+            variants.append("preskip")
+        if precision == "tf32":
+            variants = ["all-tf32"]
+        for variant in variants:
+            on = variant.startswith("all")
+            constexprs = dict(
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                DOT_DTYPE=_DOT_DTYPES[dtype],
+                INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
+                stride_hd=1, stride_wd=1, HAS_BIAS=variant != "none",
+                HAS_SOFTCAP=variant != "none", WITH_ENTROPY=on, FILTER=variant != "none")
+            divisible = FAST_PATH_DIVISIBLE
+            if role == "atomic":
+                preskip = variant == "preskip"
+                constexprs.update(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=variant != "none",
+                                  PRESKIP=preskip, FWD_BLOCK_V=forward_config(dtype).block_v,
+                                  COUNT_SKIPS=False, GROUP_N=cfg.group_n)
+                divisible += () if preskip else ("tmax_stride",)
+            elif role == "dw":
+                constexprs.update(COMPUTE_DW=True, COMPUTE_DB=variant != "none")
+            specs.append(LaunchSpec(
+                kernel=kernels[role], config=cfg.label, dtype=dtype, variant=variant,
+                constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                types={} if variant != "none" else {"b_ptr": "*fp32"}, divisible=divisible,
+                expects_dot=True, expects_pipelined=True, archs=tuple(sorted(archs))))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for variant in ("all", "none"):
+            on = variant == "all"
+            specs.append(LaunchSpec(
+                kernel=_label_term_kernel, config=f"{_LABEL_BLOCK_D}w4s3", dtype=dtype,
+                variant=variant, num_warps=4, num_stages=3,
+                constexprs=dict(HAS_BIAS=on, HAS_SOFTCAP=on, COMPUTE_DH=True, COMPUTE_DW=True,
+                                COMPUTE_DB=on, BLOCK_D=_LABEL_BLOCK_D, stride_hd=1, stride_wd=1),
+                types={} if on else {"b_ptr": "*fp32"}, divisible=FAST_PATH_DIVISIBLE))
+    return specs
 
 
 def triton_backward(
@@ -315,7 +379,7 @@ def triton_backward(
 
     Args:
         hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` | None, labels ``[N]``, rows ``[M]``:
-            as in the forward.
+            as in the forward (any strides, alignment and D: see ``fast_path``).
         row_max, log_norm, grad_logp: fp32 ``[N]`` (m, log s1 of the forward, dL/dlogp), read
             at ``rows``.
         expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] - m and dL/dH, or None without entropy.
@@ -328,18 +392,63 @@ def triton_backward(
     Atomic mode applies the label term with a sparse per-token kernel after the tiles;
     deterministic mode keeps it inside the tiles.
     """
+    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path):
+    # operands are copied or zero-padded, and gradients written through padded buffers.
+    hidden, weight, d_padded = gemm_operands(hidden, weight)
+    vectors = [None if t is None else aligned(t, name) for name, t in (
+        ("bias", bias), ("labels", labels), ("rows", rows), ("row_max", row_max),
+        ("log_norm", log_norm), ("grad_logp", grad_logp), ("expected_logit", expected_logit),
+        ("grad_entropy", grad_entropy), ("tile_max", tile_max))]
+    grads = (KernelBuffer(grad_hidden, "grad_hidden", d_padded),
+             KernelBuffer(grad_weight, "grad_weight", d_padded), KernelBuffer(grad_bias, "grad_bias"))
+    bias, labels, rows, row_max, log_norm, grad_logp, expected_logit, grad_entropy, tile_max = vectors
+    _launch_backward(
+        hidden, weight, bias, labels, rows, row_max, log_norm, grad_logp, expected_logit,
+        grad_entropy, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+        filter_eps=filter_eps, deterministic=deterministic, grad_hidden=grads[0].tensor,
+        grad_weight=grads[1].tensor, grad_bias=grads[2].tensor, tile_max=tile_max)
+    for buffer in grads:
+        buffer.finish()
+
+
+def _launch_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
+    grad_logp: torch.Tensor,
+    expected_logit: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    filter_eps: float | None,
+    deterministic: bool,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
+    tile_max: torch.Tensor | None = None,
+) -> None:
+    """``triton_backward`` on inputs that already meet the fast path's assumptions."""
     num_rows = rows.numel()
     V, D = weight.shape
-    cfg = backward_config(hidden.dtype)
     with_entropy = grad_entropy is not None
     dummy = row_max
-    common = dict(
+    flags = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
         FILTER=filter_eps is not None,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+    def tiles(kernel: str) -> tuple[dict, TileConfig]:
+        cfg = backward_config(hidden.dtype, kernel=kernel, device=hidden.device)
+        return dict(flags, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg
+
     inputs = (
         hidden, weight, bias if bias is not None else dummy, rows, labels, row_max, log_norm,
         expected_logit if with_entropy else dummy, grad_logp,
@@ -348,8 +457,9 @@ def triton_backward(
     sizes = (num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
              float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
              float(filter_eps or 0.0))
-    n_blocks, v_blocks = triton.cdiv(num_rows, cfg.block_n), triton.cdiv(V, cfg.block_v)
     if not deterministic:
+        common, cfg = tiles("atomic")
+        n_blocks, v_blocks = triton.cdiv(num_rows, cfg.block_n), triton.cdiv(V, cfg.block_v)
         fwd_block_v = forward_config(hidden.dtype).block_v
         preskip = (tile_max is not None and filter_eps is not None and not with_entropy
                    and fwd_block_v % cfg.block_v == 0)
@@ -382,9 +492,12 @@ def triton_backward(
         )
         return
     if grad_hidden is not None:
-        _backward_dh_kernel[(n_blocks,)](*inputs, grad_hidden, *sizes, **common)
+        common, cfg = tiles("dh")
+        _backward_dh_kernel[(triton.cdiv(num_rows, cfg.block_n),)](*inputs, grad_hidden, *sizes,
+                                                                    **common)
     if grad_weight is not None or grad_bias is not None:
-        _backward_dw_kernel[(v_blocks,)](
+        common, cfg = tiles("dw")
+        _backward_dw_kernel[(triton.cdiv(V, cfg.block_v),)](
             *inputs,
             grad_weight if grad_weight is not None else dummy,
             grad_bias if grad_bias is not None else dummy,

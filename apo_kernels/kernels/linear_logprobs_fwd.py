@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, input_precision
-from .configs import forward_config, vocab_splits
+from .configs import config_choices, forward_config, vocab_splits
+from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
 
 # Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
@@ -158,6 +160,59 @@ def _merge_kernel(
         tl.store(lsp2_ptr + rows, tl.log(s2) - 2.0 * log_s1, mask=n_valid)
 
 
+#: Rows per program of the merge kernel (no tiles to tune: it streams the partials).
+MERGE_BLOCK = 128
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every variant ``triton_forward`` can launch on a GPU (see ``compile_check``).
+
+    Per table row (``configs``: role, dtype, architecture): the ``light`` config with bias,
+    softcap and the tile-max record on (``light``: a training forward) and with everything off
+    (``none``: a frozen reference model's forward), the ``heavy`` config with every feature on
+    (``all``); fp32 also with TF32 dots (``input_precision`` follows torch's TF32 flag). fp16
+    differs from bf16 only in the MMA type, so it builds no ``none``.
+    """
+    rows: dict[tuple, list[int]] = {}
+    for c in config_choices():
+        if c.family == "forward":
+            rows.setdefault((c.role, c.config, c.dtype, c.precision), []).append(c.arch)
+    specs = []
+    for (role, cfg, dtype, precision), archs in rows.items():
+        variants = ["all"] if role == "heavy" else ["light", "none"]
+        if dtype == torch.float16:
+            variants = variants[:1]
+        if precision == "tf32":
+            variants = [f"{variants[0]}-tf32"]
+        for variant in variants:
+            heavy = variant.startswith("all")
+            extras = not variant.startswith("none")
+            record = variant.startswith("light") or heavy
+            specs.append(LaunchSpec(
+                kernel=_forward_kernel, config=cfg.label, dtype=dtype, variant=variant,
+                constexprs=dict(HAS_BIAS=extras, HAS_SOFTCAP=extras, WITH_ENTROPY=heavy,
+                                WITH_STATS=heavy, RECORD_TILE_MAX=record, BLOCK_N=cfg.block_n,
+                                BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                                DOT_DTYPE=_DOT_DTYPES[dtype],
+                                INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
+                                stride_hd=1, stride_wd=1),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=tuple(sorted(archs)),
+                # Without a tile-max buffer the launcher passes stride 0 (divisible).
+                divisible=FAST_PATH_DIVISIBLE + (() if record else ("tmax_stride",)),
+                expects_dot=True, expects_pipelined=True))
+    for flags in ("all", "none"):
+        on = flags == "all"
+        specs.append(LaunchSpec(
+            kernel=_merge_kernel, config=f"{MERGE_BLOCK}w4s3", dtype=torch.float32, variant=flags,
+            constexprs=dict(WITH_ENTROPY=on, WITH_STATS=on, BLOCK=MERGE_BLOCK),
+            # without stats the launcher passes an fp32 placeholder for the int8 output
+            types={} if on else {"top1_ptr": "*fp32"}, num_warps=4, num_stages=3))
+    return specs
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def tile_max_columns(vocab_size: int, dtype: torch.dtype) -> int:
     """Columns of the per-tile max buffer: one per forward vocabulary tile."""
     return triton.cdiv(vocab_size, forward_config(dtype).block_v)
@@ -181,8 +236,10 @@ def triton_forward(
     """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
 
     Args:
-        hidden: ``[N, D]`` fp32/fp16/bf16, any strides.
-        weight: ``[V, D]`` same dtype, any strides.  bias: ``[V]`` or None.
+        hidden: ``[N, D]`` fp32/fp16/bf16, any strides and alignment, any D (an operand that
+            breaks the fast path's assumptions is copied or zero-padded first, logged at
+            debug level: see ``fast_path``).
+        weight: ``[V, D]`` same dtype, likewise.  bias: ``[V]`` or None.
         labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
         rows: ``[M]`` int64, the kept token indices (M >= 1).
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
@@ -191,9 +248,17 @@ def triton_forward(
         tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]``: each kept token's max
             transformed logit in each forward vocabulary tile, for the backward's pre-skip.
     """
+    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path).
+    hidden, weight, D = gemm_operands(hidden, weight)
+    bias = aligned(bias, "bias") if bias is not None else None
+    rows, labels = aligned(rows, "rows"), aligned(labels, "labels")
+    written = {name: KernelBuffer(t, name) for name, t in outputs.items()}
+    outputs = {name: b.tensor for name, b in written.items()}
+    tile_max_out = KernelBuffer(tile_max, "tile_max")
+    tile_max = tile_max_out.tensor
     num_rows = rows.numel()
-    V, D = weight.shape
-    cfg = forward_config(hidden.dtype)
+    V = weight.shape[0]
+    cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats, device=hidden.device)
     token_blocks = triton.cdiv(num_rows, cfg.block_n)
     splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
     if NUM_PARTIALS * splits * num_rows >= 2**31:
@@ -211,7 +276,7 @@ def triton_forward(
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    merge_block = 128
+    merge_block = MERGE_BLOCK
     dummy = outputs["logp"]
     _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
         partials, rows, outputs["logp"], outputs["row_max"], outputs["log_norm"],
@@ -220,3 +285,5 @@ def triton_forward(
         num_rows, splits, splits * num_rows, 1.0 / V,
         WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=merge_block,
     )
+    for buffer in (*written.values(), tile_max_out):
+        buffer.finish()

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_specs import LaunchSpec
+
 #: loss_type -> the kernel's LOSS constexpr.
 LOSS_CODES = {"sigmoid": 0, "apo_zero": 1, "apo_down": 2}
 
@@ -185,6 +187,24 @@ def _preference_head_bwd(
 
 #: The block sizes the launchers can pick (each compiled by the compile check).
 BLOCKS = (32, 256, _BLOCK)
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every block size with one loss and every loss with the largest block (the loss only
+    changes scalar code), fp32 per-token inputs and weights, all options on. No dots, no K
+    loop, no atomics: these only have to compile without spills."""
+    specs = []
+    for name, code in LOSS_CODES.items():
+        for block in BLOCKS:
+            if block != BLOCKS[-1] and name != "apo_zero":
+                continue
+            common = dict(config=f"{block}w4s3", dtype=torch.float32, variant=name,
+                          num_warps=4, num_stages=3)
+            specs.append(LaunchSpec(kernel=_preference_head_fwd, **common, constexprs=dict(
+                LOSS=code, HAS_W=True, REF_TOKENS=True, BLOCK=block)))
+            specs.append(LaunchSpec(kernel=_preference_head_bwd, **common, constexprs=dict(
+                LOSS=code, HAS_W=True, HAS_GRAD_SEQ=True, BLOCK=block)))
+    return specs
 
 
 def _block(num_tokens: int, num_seqs: int) -> int:

@@ -76,8 +76,10 @@ def _forward_op(
     f32 = dict(device=hidden.device, dtype=torch.float32)
     # Uninitialised on purpose: the backends write every kept row, the ignored rows are zeroed
     # below, and tests poison torch.empty with NaN so a row left unwritten fails loudly.
-    norm = torch.empty((2, n), **f32)
-    outputs = {"logp": torch.empty(n, **f32), "row_max": norm[0], "log_norm": norm[1]}
+    # Separate allocations (stacked below): a view norm[1] would start 4n bytes in, not
+    # 16-byte aligned for odd n, and the kernels' fast path wants aligned pointers.
+    outputs = {"logp": torch.empty(n, **f32), "row_max": torch.empty(n, **f32),
+               "log_norm": torch.empty(n, **f32)}
     if with_entropy:
         outputs["entropy"] = torch.empty(n, **f32)
     if with_stats:
@@ -93,8 +95,9 @@ def _forward_op(
         _run_forward(backend, hidden, weight, bias, labels, rows, outputs, logit_scale=logit_scale,
                      softcap=softcap, temperature=temperature, with_entropy=with_entropy,
                      with_stats=with_stats, **extra)
-    for out in outputs.values():  # [N] each (row_max and log_norm are views of norm)
+    for out in outputs.values():  # [N] each
         out.masked_fill_(ignored, 0)
+    norm = torch.stack((outputs["row_max"], outputs["log_norm"]))
 
     def present(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         # Custom ops may not return aliased outputs: a fresh empty tensor for each absent one.
@@ -150,7 +153,9 @@ def _backward_op(
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
             expected_logit = norm[1] - entropy  # E_p[z] - m = log s1 - H
-        args = (hidden, weight, bias, labels, rows, norm[0], norm[1], grad_logp, expected_logit,
+        # norm[1] starts 4N bytes in: an [N] copy keeps the kernels' pointers 16-byte aligned.
+        log_norm = norm[1] if norm[1].data_ptr() % 16 == 0 else norm[1].clone()
+        args = (hidden, weight, bias, labels, rows, norm[0], log_norm, grad_logp, expected_logit,
                 grad_entropy)
         kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                       grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)

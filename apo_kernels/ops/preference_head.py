@@ -164,10 +164,15 @@ def preference_head(
                 "backend='triton' treats the reference and the token weights as constants; they "
                 "require grad here: detach them or use backend='torch'"
             )
+        from ..kernels.fast_path import aligned
         from ..kernels.preference_head import LOSS_CODES
 
+        # Contiguous and 16-byte aligned: the variant the compile check builds (a view at an
+        # odd offset would compile one without vectorised loads); copies are logged at debug.
         losses, seq, seq_ref = _PreferenceHeadFunction.apply(
-            x.contiguous(), None if w is None else w.float().contiguous(), ref.contiguous(), cu,
+            aligned(x.contiguous(), "token_logps"),
+            None if w is None else aligned(w.float().contiguous(), "token_weights"),
+            aligned(ref.contiguous(), "ref_logps"), aligned(cu, "cu_seqlens"),
             ref_is_tokens, float(beta), LOSS_CODES[loss_type],
         )
         return PreferenceHeadOutput(losses, seq, seq_ref)
