@@ -173,9 +173,11 @@ template <bool HAS_BIAS, bool HAS_CAP, bool ENTROPY>
 void grad_row(float* x, const float* bias, int64_t V, int64_t y, const Transform& t, float m,
               float log_norm, float g, float ge, float ez_rel) {
   // The label's jacobian from its raw logit before the row is overwritten: its one-hot term
-  // g [v = y] is added at the end.
-  vf jac_y;
-  transform<HAS_BIAS, HAS_CAP>(splat(x[y]), splat(HAS_BIAS ? bias[y] : 0.0f), t, &jac_y);
+  // g [v = y] is added at the end. y is relative to this vocabulary block; outside it, no term.
+  const bool has_label = y >= 0 && y < V;
+  vf jac_y = vf{};
+  if (has_label)
+    transform<HAS_BIAS, HAS_CAP>(splat(x[y]), splat(HAS_BIAS ? bias[y] : 0.0f), t, &jac_y);
   for (int64_t v0 = 0; v0 < V; v0 += kLanes) {
     const int64_t n = V - v0 < kLanes ? V - v0 : kLanes;
     vf jac;
@@ -187,7 +189,7 @@ void grad_row(float* x, const float* bias, int64_t V, int64_t y, const Transform
     vf d = -p * coef * jac;
     if (n == kLanes) store(x + v0, d); else store_tail(x + v0, d, n);
   }
-  x[y] += g * jac_y[0];
+  if (has_label) x[y] += g * jac_y[0];
 }
 
 void check_chunk(const at::Tensor& logits, const at::Tensor& labels,
@@ -264,7 +266,9 @@ at::Tensor forward_epilogue(at::Tensor logits, const at::Tensor& labels,
   return out;
 }
 
-// logits [C, V] fp32 raw (untransformed) logits, overwritten in place by d loss / d logits.
+// logits [C, V] fp32 raw (untransformed) logits of a vocabulary block (a column slice with
+// contiguous rows is fine), overwritten in place by d loss / d logits; labels relative to the
+// block's first column (outside [0, V): no label term in this block).
 // row_max, log_norm, grad_logp [C] fp32; grad_entropy and expected_logit (E[z] - m) [C] fp32 or
 // both absent.
 void grad_inplace(at::Tensor logits, const at::Tensor& labels, const c10::optional<at::Tensor>& bias,
@@ -272,7 +276,7 @@ void grad_inplace(at::Tensor logits, const at::Tensor& labels, const c10::option
                   const at::Tensor& row_max, const at::Tensor& log_norm, const at::Tensor& grad_logp,
                   const c10::optional<at::Tensor>& grad_entropy,
                   const c10::optional<at::Tensor>& expected_logit) {
-  check_chunk(logits, labels, bias);
+  check_chunk(logits, labels, bias);  // labels: relative to the block, any value allowed
   const int64_t C = logits.size(0), V = logits.size(1);
   for (const at::Tensor* p : {&row_max, &log_norm, &grad_logp}) {
     TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == C,

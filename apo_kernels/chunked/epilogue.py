@@ -1,0 +1,308 @@
+"""The chunk epilogues: what is done to one ``[C, V]`` block of logits after its GEMM.
+
+Public API (used by the chunked strategy and by the single-pass preference path):
+
+``chunk_forward_epilogue(logits, labels, ...) -> dict[str, Tensor]``
+    ``logits``: fp32 ``[C, V]``, rows contiguous, the RAW logits ``h_c @ W.T`` (bias and
+    transforms not applied; the epilogue applies them). It is overwritten by the transformed
+    logits ``z`` (the native and torch variants; treat its content as scratch afterwards).
+    Returns fp32 ``[C]`` tensors ``row_max`` (m) and ``log_norm`` (log s1; lse = m + log s1, the
+    pair the op saves for its backward), ``logp``, and when asked ``entropy`` and
+    ``mean_logit``, ``is_top1`` (int8), ``log_sum_p2``, defined as in
+    ``kernels/linear_logprobs_fwd.py``.
+
+``chunk_grad_inplace(logits, labels, row_max, log_norm, grad_logp, ...) -> logits``
+    ``logits``: the same raw ``[C, V]`` fp32 logits (recomputed); overwritten in place by
+    ``d loss / d logits`` = ``(g [v = y] - p (g + e (z - E[z]))) * dz/dlogits``, where
+    ``g = grad_logp`` and ``e = grad_entropy`` (``[C]`` fp32; ``expected_logit`` = E[z] - m,
+    needed with ``grad_entropy``). Then ``dH_c = out @ W``, ``dW += out.T @ h_c``,
+    ``dbias += out.sum(0)``.
+
+``impl``: ``"auto"`` (Triton on CUDA; on CPU the C++ kernel when it builds, else torch ops),
+``"native"``, ``"torch"``, ``"compile"`` (``torch.compile`` of the torch-ops version) or
+``"triton"``. ``set_cpu_epilogue`` / ``APO_KERNELS_CPU_EPILOGUE`` change what ``"auto"`` picks on
+CPU (the benchmark compares them that way).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CPU_EPILOGUES = ("native", "torch", "compile")
+CPU_EPILOGUE_ENV = "APO_KERNELS_CPU_EPILOGUE"
+_cpu_choice: Optional[str] = None
+
+
+def set_cpu_epilogue(name: Optional[str]) -> None:
+    """Pin the CPU epilogue ``"auto"`` resolves to (``None``: back to the default)."""
+    if name is not None and name not in CPU_EPILOGUES:
+        raise ValueError(f"cpu epilogue must be one of {CPU_EPILOGUES}, got {name!r}")
+    global _cpu_choice
+    _cpu_choice = name
+
+
+def resolve_epilogue(impl: str, device: torch.device) -> str:
+    """The concrete epilogue ``impl`` means on ``device``."""
+    if impl != "auto":
+        if impl not in CPU_EPILOGUES + ("triton",):
+            raise ValueError(f"epilogue must be 'auto', 'triton' or one of {CPU_EPILOGUES}, got {impl!r}")
+        return impl
+    if device.type == "cuda":
+        from ..ops.backend import triton_available
+
+        return "triton" if triton_available() else "torch"
+    choice = _cpu_choice or os.environ.get(CPU_EPILOGUE_ENV) or "native"
+    if choice not in CPU_EPILOGUES:
+        raise ValueError(f"{CPU_EPILOGUE_ENV} must be one of {CPU_EPILOGUES}, got {choice!r}")
+    if choice == "native":
+        from .native import native_available
+
+        return "native" if native_available() else "torch"
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) plain torch ops: in place where possible, every [C, V] pass counts on CPU.
+
+def _transform_(z: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float],
+                temperature: float) -> Optional[Tensor]:
+    """``z <- T(z + b)`` in place; returns ``tanh`` of the softcap (for the jacobian) or None."""
+    if bias is not None:
+        z += bias
+    if softcap is None:
+        factor = scale / temperature
+        if factor != 1.0:
+            z *= factor
+        return None
+    th = z.mul_(scale / softcap).tanh_()
+    return th
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_v a[c, v] b[c, v]`` without a ``[C, V]`` product (a batched GEMV)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def torch_forward_epilogue(logits: Tensor, labels: Tensor, bias: Optional[Tensor], logit_scale: float,
+                           softcap: Optional[float], temperature: float, with_entropy: bool,
+                           with_stats: bool) -> dict[str, Tensor]:
+    z = logits
+    th = _transform_(z, bias, logit_scale, softcap, temperature)
+    if th is not None:
+        z = th.mul_(softcap / temperature)
+    y = labels[:, None]
+    res: dict[str, Tensor] = {}
+    zy = z.gather(1, y).squeeze(1)
+    m = z.amax(-1, keepdim=True)
+    if with_stats:
+        res["mean_logit"] = z.mean(-1)
+        # First arg-max on ties, as the kernel and torch.argmax define it.
+        res["is_top1"] = (z.argmax(-1) == labels).to(torch.int8)
+    d = z.sub_(m)  # z - m, in place
+    # exp(z - m): a new tensor when z - m is still needed, else in place.
+    e = d.exp() if (with_entropy or with_stats) else d.exp_()
+    s1 = e.sum(-1)
+    log_s1 = s1.log()
+    m = m.squeeze(1)
+    res.update(row_max=m, log_norm=log_s1, logp=(zy - m) - log_s1)
+    if with_entropy:
+        # -sum p log p = log s1 - sum e d / s1, kept relative to the max (no lse - E[z]).
+        res["entropy"] = log_s1 - _rowdot(e, d) / s1
+    if with_stats:
+        res["log_sum_p2"] = _rowdot(e, e).log_() - 2.0 * log_s1
+    return res
+
+
+def torch_grad_inplace(logits: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor,
+                       grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                       expected_logit: Optional[Tensor], bias: Optional[Tensor], logit_scale: float,
+                       softcap: Optional[float], temperature: float) -> Tensor:
+    z = logits
+    th = _transform_(z, bias, logit_scale, softcap, temperature)
+    jac: Tensor | float
+    if th is None:
+        jac = logit_scale / temperature
+    else:
+        jac = (th * th).neg_().add_(1.0).mul_(logit_scale / temperature)  # one [C, V] temporary
+        z = th.mul_(softcap / temperature)
+    g = grad_logp[:, None]
+    z_rel = z.sub_(row_max[:, None])
+    if grad_entropy is not None:
+        coef = (z_rel - expected_logit[:, None]).mul_(grad_entropy[:, None]).add_(g)
+    else:
+        coef = g
+    dacc = z_rel.sub_(log_norm[:, None]).exp_().mul_(coef).neg_()  # -p coef, in the buffer
+    inside = (labels >= 0) & (labels < dacc.shape[1])  # labels relative to the block
+    rows = inside.nonzero().squeeze(1)
+    dacc.index_put_((rows, labels[rows]), grad_logp[rows], accumulate=True)
+    dacc *= jac
+    return dacc
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) torch.compile of the functional form (inductor fuses the passes into its own C++/Triton).
+
+def _functional_forward(x: Tensor, labels: Tensor, bias: Optional[Tensor], scale: float,
+                        softcap: Optional[float], temperature: float, with_entropy: bool,
+                        with_stats: bool):
+    z = x if bias is None else x + bias
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    m = z.amax(-1)
+    d = z - m[:, None]
+    e = torch.exp(d)
+    s1 = e.sum(-1)
+    log_s1 = torch.log(s1)
+    zy = z.gather(1, labels[:, None]).squeeze(1)
+    out = [m, log_s1, (zy - m) - log_s1]
+    if with_entropy:
+        out.append(log_s1 - torch.where(e > 0, e * d, 0.0).sum(-1) / s1)
+    if with_stats:
+        out.append(z.mean(-1))
+        out.append((z.argmax(-1) == labels).to(torch.int8))
+        out.append(torch.log((e * e).sum(-1)) - 2.0 * log_s1)
+    return out
+
+
+def _functional_grad_(x: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor, g: Tensor,
+                      ge: Optional[Tensor], ez: Optional[Tensor], bias: Optional[Tensor],
+                      scale: float, softcap: Optional[float], temperature: float) -> None:
+    a = x if bias is None else x + bias
+    a = a * scale
+    if softcap is not None:
+        th = torch.tanh(a / softcap)
+        z = softcap * th / temperature
+        jac = (scale / temperature) * (1.0 - th * th)
+    else:
+        z = a / temperature
+        jac = scale / temperature
+    zr = z - row_max[:, None]
+    p = torch.exp(zr - log_norm[:, None])
+    coef = g[:, None] if ge is None else g[:, None] + ge[:, None] * (zr - ez[:, None])
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]  # relative
+    x.copy_((torch.where(onehot, g[:, None], 0.0) - p * coef) * jac)
+
+
+@functools.cache
+def _compiled(which: str):
+    fn = _functional_forward if which == "forward" else _functional_grad_
+    return torch.compile(fn, dynamic=True)
+
+
+def compile_forward_epilogue(logits, labels, bias, logit_scale, softcap, temperature,
+                             with_entropy, with_stats) -> dict[str, Tensor]:
+    out = _compiled("forward")(logits, labels, bias, logit_scale, softcap, temperature,
+                               with_entropy, with_stats)
+    names = ["row_max", "log_norm", "logp"] + (["entropy"] if with_entropy else []) + (
+        ["mean_logit", "is_top1", "log_sum_p2"] if with_stats else [])
+    return dict(zip(names, out))
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the C++ kernel and (d) Triton: thin adapters.
+
+_NATIVE_ROWS = {"row_max": 0, "log_norm": 1, "logp": 2, "entropy": 3, "mean_logit": 4,
+                "is_top1": 5, "log_sum_p2": 6}
+
+
+def native_forward_epilogue(logits, labels, bias, logit_scale, softcap, temperature,
+                            with_entropy, with_stats) -> dict[str, Tensor]:
+    from .native import load_native
+
+    out = load_native().forward_epilogue(logits, labels, bias, float(logit_scale),
+                                         None if softcap is None else float(softcap),
+                                         float(temperature), with_entropy, with_stats)
+    res = {k: out[i] for k, i in _NATIVE_ROWS.items() if i < 3}
+    if with_entropy:
+        res["entropy"] = out[3]
+    if with_stats:
+        res.update(mean_logit=out[4], is_top1=out[5].to(torch.int8), log_sum_p2=out[6])
+    return res
+
+
+def _check_chunk(logits: Tensor, labels: Tensor) -> None:
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a [C, V] fp32 tensor with contiguous rows, got "
+                         f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels must be [C]={logits.shape[0]}, got {tuple(labels.shape)}")
+
+
+def chunk_forward_epilogue(
+    logits: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
+    softcap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
+    with_stats: bool = False, impl: str = "auto",
+) -> dict[str, Tensor]:
+    """One chunk's forward statistics from its raw logits (see the module docstring).
+
+    labels: ``[C]`` int64 in ``[0, V)`` (ignored tokens compacted away before).
+    bias: fp32 ``[V]`` contiguous or None.
+    """
+    _check_chunk(logits, labels)
+    labels = labels.contiguous()
+    impl = resolve_epilogue(impl, logits.device)
+    args = (logits, labels, bias, float(logit_scale), softcap, float(temperature),
+            bool(with_entropy), bool(with_stats))
+    if impl == "native":
+        return native_forward_epilogue(*args)
+    if impl == "compile":
+        return compile_forward_epilogue(*args)
+    if impl == "triton":
+        from ..kernels.chunk_epilogue import triton_forward_epilogue
+
+        return triton_forward_epilogue(*args)
+    return torch_forward_epilogue(*args)
+
+
+def chunk_grad_inplace(
+    logits: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor, grad_logp: Tensor, *,
+    grad_entropy: Optional[Tensor] = None, expected_logit: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+    temperature: float = 1.0, vocab_start: int = 0, impl: str = "auto",
+) -> Tensor:
+    """Overwrite one chunk's raw logits by the gradient of the loss w.r.t. them; returns them.
+
+    logits may be a vocabulary block ``[C, Vb]`` (columns ``vocab_start ..``; a column slice of a
+    wider buffer is fine): the gradient is elementwise given the saved normaliser, and the
+    label's one-hot term lands only in the block that holds the label. ``bias`` is then the
+    block's slice.
+    row_max, log_norm: the forward's normaliser pair for these rows; grad_logp, grad_entropy,
+    expected_logit (E[z] - m = log_norm - entropy): fp32 ``[C]``.
+    """
+    _check_chunk(logits, labels)
+    if (grad_entropy is None) != (expected_logit is None):
+        raise ValueError("grad_entropy and expected_logit must be given together")
+    labels = (labels - vocab_start if vocab_start else labels).contiguous()
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    row_max, log_norm, grad_logp = f32(row_max), f32(log_norm), f32(grad_logp)
+    grad_entropy, expected_logit = f32(grad_entropy), f32(expected_logit)
+    impl = resolve_epilogue(impl, logits.device)
+    if impl == "native":
+        from .native import load_native
+
+        load_native().grad_inplace(logits, labels, bias, float(logit_scale),
+                                   None if softcap is None else float(softcap), float(temperature),
+                                   row_max, log_norm, grad_logp, grad_entropy, expected_logit)
+        return logits
+    if impl == "compile":
+        _compiled("grad")(logits, labels, row_max, log_norm, grad_logp, grad_entropy,
+                          expected_logit, bias, float(logit_scale), softcap, float(temperature))
+        return logits
+    if impl == "triton":
+        from ..kernels.chunk_epilogue import triton_grad_inplace
+
+        triton_grad_inplace(logits, labels, row_max, log_norm, grad_logp, grad_entropy,
+                            expected_logit, bias, float(logit_scale), softcap, float(temperature))
+        return logits
+    out = torch_grad_inplace(logits, labels, row_max, log_norm, grad_logp, grad_entropy,
+                             expected_logit, bias, float(logit_scale), softcap, float(temperature))
+    if out.data_ptr() != logits.data_ptr():  # never: every step above is in place
+        logits.copy_(out)
+    return logits
