@@ -6,7 +6,10 @@ Triton on CUDA, plain torch ops as the fallback). See ``strategy.py`` for the lo
 from .epilogue import (
     CPU_EPILOGUES,
     chunk_forward_epilogue,
+    chunk_forward_partials,
     chunk_grad_inplace,
+    finalize_partials,
+    merge_partials,
     resolve_epilogue,
     set_cpu_epilogue,
 )
@@ -15,7 +18,6 @@ from .strategy import (
     backward_blocks,
     chunked_backward,
     chunked_forward,
-    forward_chunk_rows,
     logits_into,
 )
 
@@ -23,10 +25,12 @@ __all__ = [
     "CPU_EPILOGUES",
     "backward_blocks",
     "chunk_forward_epilogue",
+    "chunk_forward_partials",
+    "finalize_partials",
+    "merge_partials",
     "chunk_grad_inplace",
     "chunked_backward",
     "chunked_forward",
-    "forward_chunk_rows",
     "logits_into",
     "native_available",
     "resolve_epilogue",

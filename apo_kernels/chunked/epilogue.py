@@ -1,22 +1,31 @@
-"""The chunk epilogues: what is done to one ``[C, V]`` block of logits after its GEMM.
+"""The chunk epilogues: what is done to one block of logits after its GEMM.
 
 Public API (used by the chunked strategy and by the single-pass preference path):
 
 ``chunk_forward_epilogue(logits, labels, ...) -> dict[str, Tensor]``
-    ``logits``: fp32 ``[C, V]``, rows contiguous, the RAW logits ``h_c @ W.T`` (bias and
-    transforms not applied; the epilogue applies them). It is overwritten by the transformed
-    logits ``z`` (the native and torch variants; treat its content as scratch afterwards).
+    ``logits``: fp32 ``[C, V]``, rows contiguous, the RAW logits ``h_c @ W.T`` of whole rows
+    (bias and transforms not applied; the epilogue applies them). Overwritten by scratch.
     Returns fp32 ``[C]`` tensors ``row_max`` (m) and ``log_norm`` (log s1; lse = m + log s1, the
     pair the op saves for its backward), ``logp``, and when asked ``entropy`` and
     ``mean_logit``, ``is_top1`` (int8), ``log_sum_p2``, defined as in
-    ``kernels/linear_logprobs_fwd.py``.
+    ``kernels/linear_logprobs_fwd.py``. It is ``finalize_partials(chunk_forward_partials(...))``.
+
+``chunk_forward_partials(logits, labels, vocab_start=..., ...) -> Partials``
+    The same for a vocabulary BLOCK ``[C, Vb]`` (columns ``vocab_start..``; a column slice of a
+    wider buffer is fine): the block's partial statistics (m, s1 = sum exp(z - m), label logit,
+    u, s2, sum z, max before the label). ``merge_partials(a, b)`` combines two blocks with a
+    stable log-add; ``finalize_partials(p, V)`` gives the outputs above.
 
 ``chunk_grad_inplace(logits, labels, row_max, log_norm, grad_logp, ...) -> logits``
-    ``logits``: the same raw ``[C, V]`` fp32 logits (recomputed); overwritten in place by
-    ``d loss / d logits`` = ``(g [v = y] - p (g + e (z - E[z]))) * dz/dlogits``, where
-    ``g = grad_logp`` and ``e = grad_entropy`` (``[C]`` fp32; ``expected_logit`` = E[z] - m,
-    needed with ``grad_entropy``). Then ``dH_c = out @ W``, ``dW += out.T @ h_c``,
-    ``dbias += out.sum(0)``.
+    ``logits``: the same raw fp32 logits (recomputed; whole rows or a vocabulary block);
+    overwritten in place by ``d loss / d logits`` = ``(g [v = y] - p (g + e (z - E[z]))) *
+    dz/dlogits``, where ``g = grad_logp``, ``e = grad_entropy`` (``[C]`` fp32;
+    ``expected_logit`` = E[z] - m = log_norm - entropy, needed with ``grad_entropy``). Then
+    ``dH_c = out @ W``, ``dW += out.T @ h_c``, ``dbias += out.sum(0)``.
+
+The backward's p = exp((z - m) - log s1) amplifies any difference between the forward's and the
+backward's logits where p is near 1 (1 - p cancels), so the strategy recomputes each block with
+the identical GEMM call the forward made (same rows, same columns, same buffer layout).
 
 ``impl``: ``"auto"`` (Triton on CUDA; on CPU the C++ kernel when it builds, else torch ops),
 ``"native"``, ``"torch"``, ``"compile"`` (``torch.compile`` of the torch-ops version) or
@@ -88,33 +97,66 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def torch_forward_epilogue(logits: Tensor, labels: Tensor, bias: Optional[Tensor], logit_scale: float,
+PARTIALS = ("m", "s1", "zy", "u", "s2", "sumz", "maxbefore")  # rows of the [7, C] layout
+Partials = dict  # name -> fp32 [C]; "u" only with entropy, "s2"/"sumz"/"maxbefore" with stats
+
+
+def torch_forward_partials(logits: Tensor, labels: Tensor, bias: Optional[Tensor], logit_scale: float,
                            softcap: Optional[float], temperature: float, with_entropy: bool,
-                           with_stats: bool) -> dict[str, Tensor]:
+                           with_stats: bool) -> Partials:
     z = logits
     th = _transform_(z, bias, logit_scale, softcap, temperature)
     if th is not None:
         z = th.mul_(softcap / temperature)
-    y = labels[:, None]
-    res: dict[str, Tensor] = {}
-    zy = z.gather(1, y).squeeze(1)
+    width = z.shape[1]
+    inside = (labels >= 0) & (labels < width)  # labels relative to the block
+    zy = z.gather(1, labels.clamp(0, width - 1)[:, None]).squeeze(1).masked_fill_(~inside, 0.0)
     m = z.amax(-1, keepdim=True)
+    res: Partials = {"zy": zy}
     if with_stats:
-        res["mean_logit"] = z.mean(-1)
-        # First arg-max on ties, as the kernel and torch.argmax define it.
-        res["is_top1"] = (z.argmax(-1) == labels).to(torch.int8)
+        res["sumz"] = z.sum(-1)
+        cols = torch.arange(width, device=z.device)
+        res["maxbefore"] = z.masked_fill(cols[None, :] >= labels[:, None], float("-inf")).amax(-1)
     d = z.sub_(m)  # z - m, in place
     # exp(z - m): a new tensor when z - m is still needed, else in place.
     e = d.exp() if (with_entropy or with_stats) else d.exp_()
-    s1 = e.sum(-1)
-    log_s1 = s1.log()
-    m = m.squeeze(1)
-    res.update(row_max=m, log_norm=log_s1, logp=(zy - m) - log_s1)
+    res["s1"] = e.sum(-1)
+    res["m"] = m.squeeze(1)
     if with_entropy:
-        # -sum p log p = log s1 - sum e d / s1, kept relative to the max (no lse - E[z]).
-        res["entropy"] = log_s1 - _rowdot(e, d) / s1
+        res["u"] = _rowdot(e, d)
     if with_stats:
-        res["log_sum_p2"] = _rowdot(e, e).log_() - 2.0 * log_s1
+        res["s2"] = _rowdot(e, e)
+    return res
+
+
+def merge_partials(a: Optional[Partials], b: Partials) -> Partials:
+    """Partials of two vocabulary blocks of the same rows -> partials of their union."""
+    if a is None:
+        return dict(b)
+    m = torch.maximum(a["m"], b["m"])
+    wa, wb = torch.exp(a["m"] - m), torch.exp(b["m"] - m)
+    out = {"m": m, "s1": wa * a["s1"] + wb * b["s1"], "zy": a["zy"] + b["zy"]}
+    if "u" in a:
+        # u is relative to the block max: shift by (m_block - m) s1_block before scaling.
+        out["u"] = wa * (a["u"] + (a["m"] - m) * a["s1"]) + wb * (b["u"] + (b["m"] - m) * b["s1"])
+    if "s2" in a:
+        out["s2"] = wa * wa * a["s2"] + wb * wb * b["s2"]
+        out["sumz"] = a["sumz"] + b["sumz"]
+        out["maxbefore"] = torch.maximum(a["maxbefore"], b["maxbefore"])
+    return out
+
+
+def finalize_partials(p: Partials, vocab_size: int) -> dict[str, Tensor]:
+    """Merged partials of whole rows -> the op's per-token outputs (see the module docstring)."""
+    log_s1 = torch.log(p["s1"])
+    res = {"row_max": p["m"], "log_norm": log_s1, "logp": (p["zy"] - p["m"]) - log_s1}
+    if "u" in p:
+        res["entropy"] = log_s1 - p["u"] / p["s1"]
+    if "s2" in p:
+        res["mean_logit"] = p["sumz"] / vocab_size
+        # First arg-max on ties: the label is the max and nothing before it reaches it.
+        res["is_top1"] = ((p["zy"] >= p["m"]) & (p["maxbefore"] < p["zy"])).to(torch.int8)
+        res["log_sum_p2"] = torch.log(p["s2"]) - 2.0 * log_s1
     return res
 
 
@@ -147,9 +189,9 @@ def torch_grad_inplace(logits: Tensor, labels: Tensor, row_max: Tensor, log_norm
 # ---------------------------------------------------------------------------------------------
 # (b) torch.compile of the functional form (inductor fuses the passes into its own C++/Triton).
 
-def _functional_forward(x: Tensor, labels: Tensor, bias: Optional[Tensor], scale: float,
-                        softcap: Optional[float], temperature: float, with_entropy: bool,
-                        with_stats: bool):
+def _functional_partials(x: Tensor, labels: Tensor, bias: Optional[Tensor], scale: float,
+                         softcap: Optional[float], temperature: float, with_entropy: bool,
+                         with_stats: bool):
     z = x if bias is None else x + bias
     z = z * scale
     if softcap is not None:
@@ -158,16 +200,14 @@ def _functional_forward(x: Tensor, labels: Tensor, bias: Optional[Tensor], scale
     m = z.amax(-1)
     d = z - m[:, None]
     e = torch.exp(d)
-    s1 = e.sum(-1)
-    log_s1 = torch.log(s1)
-    zy = z.gather(1, labels[:, None]).squeeze(1)
-    out = [m, log_s1, (zy - m) - log_s1]
+    cols = torch.arange(z.shape[1], device=z.device)[None, :]
+    out = [m, e.sum(-1), torch.where(cols == labels[:, None], z, 0.0).sum(-1)]
     if with_entropy:
-        out.append(log_s1 - torch.where(e > 0, e * d, 0.0).sum(-1) / s1)
+        out.append(torch.where(e > 0, e * d, 0.0).sum(-1))
     if with_stats:
-        out.append(z.mean(-1))
-        out.append((z.argmax(-1) == labels).to(torch.int8))
-        out.append(torch.log((e * e).sum(-1)) - 2.0 * log_s1)
+        out.append((e * e).sum(-1))
+        out.append(z.sum(-1))
+        out.append(torch.where(cols < labels[:, None], z, float("-inf")).amax(-1))
     return out
 
 
@@ -192,39 +232,37 @@ def _functional_grad_(x: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tens
 
 @functools.cache
 def _compiled(which: str):
-    fn = _functional_forward if which == "forward" else _functional_grad_
+    fn = _functional_partials if which == "forward" else _functional_grad_
     return torch.compile(fn, dynamic=True)
 
 
-def compile_forward_epilogue(logits, labels, bias, logit_scale, softcap, temperature,
-                             with_entropy, with_stats) -> dict[str, Tensor]:
+def _names(with_entropy: bool, with_stats: bool) -> list[str]:
+    return ["m", "s1", "zy"] + (["u"] if with_entropy else []) + (
+        ["s2", "sumz", "maxbefore"] if with_stats else [])
+
+
+def compile_forward_partials(logits, labels, bias, logit_scale, softcap, temperature,
+                             with_entropy, with_stats) -> Partials:
     out = _compiled("forward")(logits, labels, bias, logit_scale, softcap, temperature,
                                with_entropy, with_stats)
-    names = ["row_max", "log_norm", "logp"] + (["entropy"] if with_entropy else []) + (
-        ["mean_logit", "is_top1", "log_sum_p2"] if with_stats else [])
-    return dict(zip(names, out))
+    return dict(zip(_names(with_entropy, with_stats), out))
 
 
 # ---------------------------------------------------------------------------------------------
 # (c) the C++ kernel and (d) Triton: thin adapters.
 
-_NATIVE_ROWS = {"row_max": 0, "log_norm": 1, "logp": 2, "entropy": 3, "mean_logit": 4,
-                "is_top1": 5, "log_sum_p2": 6}
+def _from_rows(out: Tensor, with_entropy: bool, with_stats: bool) -> Partials:
+    return {name: out[PARTIALS.index(name)] for name in _names(with_entropy, with_stats)}
 
 
-def native_forward_epilogue(logits, labels, bias, logit_scale, softcap, temperature,
-                            with_entropy, with_stats) -> dict[str, Tensor]:
+def native_forward_partials(logits, labels, bias, logit_scale, softcap, temperature,
+                            with_entropy, with_stats) -> Partials:
     from .native import load_native
 
-    out = load_native().forward_epilogue(logits, labels, bias, float(logit_scale),
+    out = load_native().forward_partials(logits, labels, bias, float(logit_scale),
                                          None if softcap is None else float(softcap),
                                          float(temperature), with_entropy, with_stats)
-    res = {k: out[i] for k, i in _NATIVE_ROWS.items() if i < 3}
-    if with_entropy:
-        res["entropy"] = out[3]
-    if with_stats:
-        res.update(mean_logit=out[4], is_top1=out[5].to(torch.int8), log_sum_p2=out[6])
-    return res
+    return _from_rows(out, with_entropy, with_stats)
 
 
 def _check_chunk(logits: Tensor, labels: Tensor) -> None:
@@ -235,30 +273,42 @@ def _check_chunk(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must be [C]={logits.shape[0]}, got {tuple(labels.shape)}")
 
 
+def chunk_forward_partials(
+    logits: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
+    softcap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
+    with_stats: bool = False, vocab_start: int = 0, impl: str = "auto",
+) -> Partials:
+    """One vocabulary block's partial statistics from its raw logits (module docstring).
+
+    labels: ``[C]`` int64 absolute token ids (ignored tokens compacted away before);
+    bias: the block's fp32 ``[Vb]`` slice (contiguous) or None.
+    """
+    _check_chunk(logits, labels)
+    labels = (labels - vocab_start if vocab_start else labels).contiguous()
+    impl = resolve_epilogue(impl, logits.device)
+    args = (logits, labels, bias, float(logit_scale), softcap, float(temperature),
+            bool(with_entropy), bool(with_stats))
+    if impl == "native":
+        return native_forward_partials(*args)
+    if impl == "compile":
+        return compile_forward_partials(*args)
+    if impl == "triton":
+        from ..kernels.chunk_epilogue import triton_forward_partials
+
+        return _from_rows(triton_forward_partials(*args), with_entropy, with_stats)
+    return torch_forward_partials(*args)
+
+
 def chunk_forward_epilogue(
     logits: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
     softcap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
     with_stats: bool = False, impl: str = "auto",
 ) -> dict[str, Tensor]:
-    """One chunk's forward statistics from its raw logits (see the module docstring).
-
-    labels: ``[C]`` int64 in ``[0, V)`` (ignored tokens compacted away before).
-    bias: fp32 ``[V]`` contiguous or None.
-    """
-    _check_chunk(logits, labels)
-    labels = labels.contiguous()
-    impl = resolve_epilogue(impl, logits.device)
-    args = (logits, labels, bias, float(logit_scale), softcap, float(temperature),
-            bool(with_entropy), bool(with_stats))
-    if impl == "native":
-        return native_forward_epilogue(*args)
-    if impl == "compile":
-        return compile_forward_epilogue(*args)
-    if impl == "triton":
-        from ..kernels.chunk_epilogue import triton_forward_epilogue
-
-        return triton_forward_epilogue(*args)
-    return torch_forward_epilogue(*args)
+    """One chunk's per-token outputs from the raw logits of whole rows (module docstring)."""
+    part = chunk_forward_partials(logits, labels, bias=bias, logit_scale=logit_scale,
+                                  softcap=softcap, temperature=temperature,
+                                  with_entropy=with_entropy, with_stats=with_stats, impl=impl)
+    return finalize_partials(part, logits.shape[1])
 
 
 def chunk_grad_inplace(

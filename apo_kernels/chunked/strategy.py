@@ -1,29 +1,31 @@
 """The chunked strategy: vendor GEMMs on blocks of logits plus one fused epilogue pass each.
 
-Forward (token chunks, whole vocabulary rows, because the normaliser needs the whole row):
+Both passes walk the same blocks: vocabulary blocks of ``Vb`` columns over every kept token at
+once (token chunks inside a block only when M is too large for a 512-column block to fit the
+budget):
 
-    for each chunk of C kept tokens:  buf[:C] = h_c @ W.T          (torch.mm: MKL / cuBLAS)
-                                      stats  = chunk_forward_epilogue(buf[:C], y_c)
-
-Backward (vocabulary blocks, every kept token at once; the logits are recomputed):
-
-    for each block of Vb vocabulary rows:  buf = h @ W[vb].T        (recompute, 2 M D Vb)
-                                           chunk_grad_inplace(buf)  (buf <- d loss / d logits)
+    forward:   for each vocabulary block:  buf = h @ W[vb].T           (torch.mm: MKL / cuBLAS)
+                                           partials = epilogue(buf)    (m, s1, label logit, ...)
+                                           merge into the running per-token partials (log-add)
+    backward:  for each vocabulary block:  buf = h @ W[vb].T           (the identical call)
+                                           buf <- d loss / d logits    (in place, one pass)
                                            dH     += buf @ W[vb]
-                                           dW[vb]  = buf.T @ h      (written once, no accumulate)
-                                           db[vb]  = buf.sum(0)
+                                           dW[vb] += buf.T @ h         (each block written once)
+                                           db[vb] += buf.sum(0)
 
-The backward's gradient is elementwise once the forward's normaliser (m, log s1) is known, so it
-can block the vocabulary instead of the tokens. That order writes each dW block exactly once:
-no ``[V, D]`` read-modify-write per chunk, and for 16-bit weights no parameter-sized fp32
-accumulator — each block is accumulated in fp32 by the GEMM and rounded once into the output.
-dH ([M, D] fp32) is the accumulator instead, which is small. When M is so large that even a
-narrow vocabulary block would overflow the budget, tokens are chunked inside the block and the
-dW block is accumulated in an fp32 ``[Vb, D]`` buffer.
+Why vocabulary blocks. (1) The backward's gradient is elementwise once the forward's normaliser
+(m, log s1) is known, and the forward's statistics merge across blocks with a stable log-add,
+so nothing needs a whole row. (2) Each dW block is written once: no ``[V, D]`` read-modify-write
+per token chunk, and for 16-bit weights no parameter-sized fp32 accumulator — each block is
+accumulated in fp32 by the GEMM and rounded once into the output (dH, ``[M, D]`` fp32, is the
+accumulator instead: small). (3) The backward recomputes each block with the call the forward
+made, so the logits agree bit for bit; p = exp((z - m) - log s1) near 1 would otherwise turn
+any recompute difference into an error in 1 - p (the label's gradient).
 
 Memory: one fp32 logits buffer of at most ``chunk_bytes`` (default 64 MiB on CPU, 256 MiB on
-CUDA; ``APO_KERNELS_CHUNK_MB`` overrides), plus for 16-bit weights a ``[Vb, D]`` fp32 copy of the
-current weight block where the GEMM cannot produce fp32 from 16-bit operands (CPU).
+CUDA; ``APO_KERNELS_CHUNK_MB`` overrides), ``[M, D]`` fp32 for dH (and hidden in fp32 for
+16-bit inputs), plus for 16-bit weights on CPU an 8 MiB fp32 copy of a weight sub-block (the
+CPU GEMM has no fp32 output from 16-bit operands in torch 2.13; cuBLAS does, via ``out_dtype``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .epilogue import chunk_forward_epilogue, chunk_grad_inplace
+from .epilogue import chunk_forward_partials, chunk_grad_inplace, finalize_partials, merge_partials
 
 MiB = 2**20
 DEFAULT_CHUNK_BYTES = {"cpu": 64 * MiB, "cuda": 256 * MiB}
@@ -59,17 +61,15 @@ def _round_rows(rows: int) -> int:
     return max(1, rows - rows % _ROW_MULTIPLE if rows >= _ROW_MULTIPLE else rows)
 
 
-def forward_chunk_rows(vocab: int, budget: int) -> int:
-    """Tokens per forward chunk: ``[rows, V]`` fp32 fits ``budget`` (a multiple of 16)."""
-    return _round_rows(budget // (4 * vocab))
-
-
 def backward_blocks(tokens: int, vocab: int, budget: int) -> tuple[int, int]:
-    """``(token_chunk, vocab_block)`` of the backward: every token at once when a vocabulary
-    block of at least ``_MIN_VOCAB_BLOCK`` fits, else token chunks inside such blocks."""
+    """``(token_chunk, vocab_block)`` of both passes: every token at once when a vocabulary
+    block of at least ``_MIN_VOCAB_BLOCK`` columns fits ``budget`` bytes of fp32, else token
+    chunks (multiples of 16) inside such blocks."""
     vocab_block = min(vocab, budget // (4 * max(tokens, 1)))
     if vocab_block >= min(vocab, _MIN_VOCAB_BLOCK):
-        return tokens, max(vocab_block - vocab_block % 128 if vocab_block >= 128 else vocab_block, 1)
+        if vocab_block < vocab:
+            vocab_block -= vocab_block % 128  # >= 512 here: whole 128-column steps
+        return tokens, vocab_block
     vocab_block = min(vocab, _MIN_VOCAB_BLOCK)
     return min(tokens, _round_rows(budget // (4 * vocab_block))), vocab_block
 
@@ -142,8 +142,20 @@ def add_weight_grad(out: Tensor, dz: Tensor, h: Tensor, h32: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # The two passes, with the contract of kernels.linear_logprobs_{fwd,bwd}.triton_{forward,backward}.
 
-def _gather_rows(t: Tensor, rows: Tensor, all_kept: bool, start: int, stop: int) -> Tensor:
-    return t[start:stop] if all_kept else t.index_select(0, rows[start:stop])
+class _Rows:
+    """The kept tokens' rows of the per-token tensors (a view when every token is kept)."""
+
+    def __init__(self, rows: Tensor, n_total: int) -> None:
+        self.rows, self.all_kept = rows, rows.numel() == n_total
+
+    def take(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else (t if self.all_kept else t.index_select(0, self.rows))
+
+    def put(self, out: Tensor, t0: int, t1: int, value: Tensor) -> None:
+        if self.all_kept:
+            out[t0:t1] = value
+        else:
+            out.index_copy_(0, self.rows[t0:t1], value.to(out.dtype))
 
 
 def chunked_forward(
@@ -155,26 +167,32 @@ def chunked_forward(
     """Fill ``outputs`` at ``rows`` (same contract as ``triton_forward``; no tile max).
 
     hidden ``[N, D]``, weight ``[V, D]`` (fp32, or one 16-bit dtype), bias ``[V]`` or None,
-    labels ``[N]`` int64 valid at ``rows`` (``[M]`` int64, the kept tokens).
+    labels ``[N]`` int64 valid at ``rows`` (``[M]`` int64, the kept tokens). The blocks are the
+    backward's (``backward_blocks``): the backward then recomputes each block with the identical
+    GEMM call, so its logits equal the forward's bit for bit and 1 - p stays exact near p = 1.
     """
-    vocab = weight.shape[0]
-    all_kept = rows.numel() == labels.shape[0]
-    step = forward_chunk_rows(vocab, chunk_bytes_for(hidden.device, chunk_bytes))
-    step = min(step, rows.numel())
-    buf = torch.empty((step, vocab), device=hidden.device, dtype=torch.float32)
+    sel = _Rows(rows, labels.shape[0])
+    m_rows, vocab = rows.numel(), weight.shape[0]
+    token_step, vocab_step = backward_blocks(m_rows, vocab, chunk_bytes_for(hidden.device, chunk_bytes))
+    h, y = sel.take(hidden), sel.take(labels)
+    h32 = h if h.dtype == torch.float32 else h.float()
     b32 = None if bias is None else bias.float().contiguous()
-    for start, stop in _spans(rows.numel(), step):
-        z = buf[: stop - start]
-        logits_into(z, _gather_rows(hidden, rows, all_kept, start, stop), weight)
-        y = _gather_rows(labels, rows, all_kept, start, stop)
-        stats = chunk_forward_epilogue(z, y, bias=b32, logit_scale=logit_scale, softcap=softcap,
-                                       temperature=temperature, with_entropy=with_entropy,
-                                       with_stats=with_stats, impl=epilogue)
-        for name, value in stats.items():
-            if all_kept:
-                outputs[name][start:stop] = value
-            else:
-                outputs[name].index_copy_(0, rows[start:stop], value.to(outputs[name].dtype))
+    buf = torch.empty((token_step, vocab_step), device=hidden.device, dtype=torch.float32)
+    token_spans = list(_spans(m_rows, token_step))
+    parts: list = [None] * len(token_spans)
+    for v0, v1 in _spans(vocab, vocab_step):
+        w_blk = weight[v0:v1]
+        for i, (t0, t1) in enumerate(token_spans):
+            z = buf[: t1 - t0, : v1 - v0]
+            logits_into(z, h[t0:t1], w_blk, h32[t0:t1])
+            part = chunk_forward_partials(
+                z, y[t0:t1], bias=None if b32 is None else b32[v0:v1], logit_scale=logit_scale,
+                softcap=softcap, temperature=temperature, with_entropy=with_entropy,
+                with_stats=with_stats, vocab_start=v0, impl=epilogue)
+            parts[i] = merge_partials(parts[i], part)
+    for (t0, t1), part in zip(token_spans, parts):
+        for name, value in finalize_partials(part, vocab).items():
+            sel.put(outputs[name], t0, t1, value)
 
 
 def chunked_backward(
@@ -188,21 +206,17 @@ def chunked_backward(
     deterministic). ``grad_hidden [N, D]`` and ``grad_bias [V]`` fp32, accumulated into;
     ``grad_weight [V, D]`` fp32 or the weight's dtype: every block is ADDED once (pass zeros),
     accumulated in fp32 before any rounding to 16 bits."""
+    sel = _Rows(rows, labels.shape[0])
     m_rows, vocab = rows.numel(), weight.shape[0]
-    all_kept = m_rows == labels.shape[0]
     token_step, vocab_step = backward_blocks(m_rows, vocab, chunk_bytes_for(hidden.device, chunk_bytes))
     b32 = None if bias is None else bias.float().contiguous()
-
-    def take(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else (t if all_kept else t.index_select(0, rows))
-
-    h, y = take(hidden), take(labels)
+    h, y = sel.take(hidden), sel.take(labels)
     h32 = h if h.dtype == torch.float32 else h.float()  # [M, D]: small next to [V, D]
-    m, ln, g = take(row_max), take(log_norm), take(grad_logp)
-    ge, ez = take(grad_entropy), take(expected_logit)
+    m, ln, g = sel.take(row_max), sel.take(log_norm), sel.take(grad_logp)
+    ge, ez = sel.take(grad_entropy), sel.take(expected_logit)
     dh = torch.zeros((m_rows, hidden.shape[1]), device=hidden.device, dtype=torch.float32) \
         if grad_hidden is not None else None
-    buf = torch.empty((token_step, min(vocab_step, vocab)), device=hidden.device, dtype=torch.float32)
+    buf = torch.empty((token_step, vocab_step), device=hidden.device, dtype=torch.float32)
     many_token_chunks = token_step < m_rows
     for v0, v1 in _spans(vocab, vocab_step):
         w_blk = weight[v0:v1]
@@ -228,7 +242,7 @@ def chunked_backward(
         if dw_acc is not None:
             grad_weight[v0:v1] += dw_acc
     if grad_hidden is not None:
-        if all_kept:
+        if sel.all_kept:
             grad_hidden += dh
         else:
             grad_hidden.index_add_(0, rows, dh)

@@ -1,13 +1,14 @@
 // CPU epilogues of the chunked linear_logprobs strategy (apo_kernels/chunked/).
 //
 // The GEMM (MKL/oneDNN through torch.mm) writes a chunk's raw logits x = h_c @ W.T into a reused
-// fp32 [C, V] buffer; these kernels then make ONE sweep per row over it from memory (a row of
-// V=49152 fp32 is 192 KiB and stays in L2 for the row's second, in-cache loop):
+// fp32 buffer (a [tokens, vocabulary block] slice); these kernels then make ONE sweep per row
+// over it from memory (a block row, e.g. 8960 fp32 = 35 KiB, stays in cache for the forward's
+// second loop):
 //
-//   forward  (apo_chunk_native::forward_epilogue): z = T(x + b) written back in place, the
-//            online normaliser (row max m, log s1), the label logit, and optionally the entropy
-//            and the statistics (mean logit, first-arg-max top-1, log sum p^2). Same formulas
-//            as kernels/linear_logprobs_fwd.py.
+//   forward  (apo_chunk_native::forward_partials): z = T(x + b) written back in place, and per
+//            row the partial statistics of the block (max m, s1 = sum exp(z - m), the label
+//            logit, and optionally u, s2, sum z, max before the label: the partials of
+//            kernels/linear_logprobs_fwd.py); blocks merge with a stable log-add in Python.
 //   backward (apo_chunk_native::grad_inplace): x is overwritten by d loss / d x, i.e.
 //            dz = g [v = y] - p (g + e (z - E[z])) chained through temperature/softcap/scale.
 //
@@ -105,8 +106,11 @@ inline vf transform(vf x, vf b, const Transform& t, vf* jac) {
   return x * t.inv_temp;
 }
 
-// Per-row results of the forward, in the order of the [7, C] output tensor.
-enum Out { kMax = 0, kLogNorm, kLogp, kEntropy, kMean, kTop1, kLogSumP2, kNumOut };
+// Per-row partial statistics of one vocabulary block, in the order of the [7, C] output (the
+// partials of kernels/linear_logprobs_fwd.py): m, s1 = sum exp(z - m), the label logit (0 when
+// the label is outside the block), u = sum exp(z - m) (z - m), s2 = sum exp(2 (z - m)), sum z,
+// max of z before the label. Blocks merge with a stable log-add (chunked/epilogue.py).
+enum Out { kMax = 0, kS1, kZy, kU, kS2, kSumZ, kMaxBefore, kNumOut };
 
 template <bool HAS_BIAS, bool HAS_CAP, bool ENTROPY, bool STATS>
 void forward_row(float* z, const float* bias, int64_t V, int64_t y, const Transform& t,
@@ -129,7 +133,7 @@ void forward_row(float* z, const float* bias, int64_t V, int64_t y, const Transf
       mx = vmax(select(valid, zv, neg_inf), mx);
       if (STATS) {
         sz += select(valid, zv, vf{});
-        vi before = (lane + (int32_t)(v0 - y)) < 0;  // v < y, without int64 lanes
+        vi before = (lane + (int32_t)(v0 - y)) < 0;  // v < y (y relative to the block)
         mb = vmax(select(before & valid, zv, neg_inf), mb);
       }
     }
@@ -137,9 +141,8 @@ void forward_row(float* z, const float* bias, int64_t V, int64_t y, const Transf
   }
   // The max skips NaN; the sums below do not (exp(NaN - m) is NaN), so a NaN reaches logp.
   const float m = hmax(mx);
-  const float maxbefore = hmax(mb);
 
-  // Loop 2 (the row is in L2 now): e = exp(z - m); s1 = sum e, u = sum e (z - m), s2 = sum e^2.
+  // Loop 2 (the row is in cache now): e = exp(z - m); s1 = sum e, u = sum e (z - m), s2 = sum e^2.
   vf a1 = vf{}, au = vf{}, a2 = vf{};
   double s1 = 0.0, u = 0.0, s2 = 0.0;
   for (int64_t s0 = 0; s0 < V; s0 += kSegment) {
@@ -156,16 +159,14 @@ void forward_row(float* z, const float* bias, int64_t V, int64_t y, const Transf
     if (ENTROPY) { u += hsum(au); au = vf{}; }
     if (STATS) { s2 += hsum(a2); a2 = vf{}; }
   }
-  const double log_s1 = std::log(s1);
-  const float zy = z[y];
   out[kMax * out_stride] = m;
-  out[kLogNorm * out_stride] = static_cast<float>(log_s1);
-  out[kLogp * out_stride] = static_cast<float>((static_cast<double>(zy) - m) - log_s1);
-  if (ENTROPY) out[kEntropy * out_stride] = static_cast<float>(log_s1 - u / s1);
+  out[kS1 * out_stride] = static_cast<float>(s1);
+  out[kZy * out_stride] = (y >= 0 && y < V) ? z[y] : 0.0f;
+  if (ENTROPY) out[kU * out_stride] = static_cast<float>(u);
   if (STATS) {
-    out[kMean * out_stride] = static_cast<float>(sumz / static_cast<double>(V));
-    out[kTop1 * out_stride] = (zy >= m && maxbefore < zy) ? 1.0f : 0.0f;
-    out[kLogSumP2 * out_stride] = static_cast<float>(std::log(s2) - 2.0 * log_s1);
+    out[kS2 * out_stride] = static_cast<float>(s2);
+    out[kSumZ * out_stride] = static_cast<float>(sumz);
+    out[kMaxBefore * out_stride] = hmax(mb);
   }
 }
 
@@ -247,10 +248,11 @@ struct GradRows {
   }
 };
 
-// logits [C, V] fp32 (rows contiguous, overwritten by z), labels [C] int64 in [0, V)
-// -> fp32 [7, C]: row max, log s1, logp, entropy, mean logit, top-1 (0/1), log sum p^2
-// (rows of the outputs not asked for are left unwritten).
-at::Tensor forward_epilogue(at::Tensor logits, const at::Tensor& labels,
+// logits [C, V] fp32 raw logits of a vocabulary block (rows contiguous; a column slice of a
+// wider buffer is fine), overwritten by z; labels [C] int64 relative to the block's first
+// column (outside [0, V): not in this block) -> fp32 [7, C] partials (see Out; rows of the
+// partials not asked for are left unwritten).
+at::Tensor forward_partials(at::Tensor logits, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& bias, double logit_scale,
                             c10::optional<double> softcap, double temperature, bool with_entropy,
                             bool with_stats) {
@@ -303,7 +305,7 @@ void grad_inplace(at::Tensor logits, const at::Tensor& labels, const c10::option
 }  // namespace
 
 TORCH_LIBRARY(apo_chunk_native, m) {
-  m.def("forward_epilogue(Tensor(a!) logits, Tensor labels, Tensor? bias, float logit_scale, "
+  m.def("forward_partials(Tensor(a!) logits, Tensor labels, Tensor? bias, float logit_scale, "
         "float? softcap, float temperature, bool with_entropy, bool with_stats) -> Tensor");
   m.def("grad_inplace(Tensor(a!) logits, Tensor labels, Tensor? bias, float logit_scale, "
         "float? softcap, float temperature, Tensor row_max, Tensor log_norm, Tensor grad_logp, "
@@ -311,6 +313,6 @@ TORCH_LIBRARY(apo_chunk_native, m) {
 }
 
 TORCH_LIBRARY_IMPL(apo_chunk_native, CPU, m) {
-  m.impl("forward_epilogue", &forward_epilogue);
+  m.impl("forward_partials", &forward_partials);
   m.impl("grad_inplace", &grad_inplace);
 }
