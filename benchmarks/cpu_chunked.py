@@ -202,6 +202,26 @@ def profile() -> None:
         (OUT_DIR / f"profile_{name}.txt").write_text(table)
 
 
+def bf16_memory(tokens: int = 512) -> dict:
+    """Peak memory of a bf16 forward+backward (ours vs the ordinary way) next to the sizes that
+    matter for issue 12's dW point: the bf16 head, and the fp32 copy of it that a per-chunk
+    ``.float()`` or an fp32 ``[V, D]`` accumulator would add (Liger-Kernel#1270)."""
+    h, w, y = make_inputs()
+    h, w, y = h[:tokens].bfloat16().requires_grad_(), w.bfloat16().requires_grad_(), y[:tokens]
+    res = {"tokens": tokens, "head_bf16_mib": w.numel() * 2 / 2**20,
+           "head_fp32_copy_mib": w.numel() * 4 / 2**20}
+    for name, fn in (("ordinary", ordinary), ("ours", ours("native" if native_available() else "torch"))):
+        step = make_step(fn, "forward+backward", h, w, y)
+        step()
+        h.grad = w.grad = None
+        res[f"{name}_peak_above_inputs_mib"] = cpu_peak_above(step)
+        h.grad = w.grad = None
+    print("\nbf16 forward+backward, N={tokens}: peak above inputs ours {ours_peak_above_inputs_mib:.0f} MiB, "
+          "ordinary {ordinary_peak_above_inputs_mib:.0f} MiB; the bf16 head is {head_bf16_mib:.0f} MiB "
+          "(its gradient is part of both peaks), an fp32 copy of it {head_fp32_copy_mib:.0f} MiB".format(**res))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds, no torch.compile variant")
@@ -210,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile epilogue (its first call compiles for minutes)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--bf16-memory", action="store_true",
+                    help="also measure the peak memory of a bf16 forward+backward (dW accumulation)")
     ap.add_argument("--out", type=Path, default=OUT_DIR / "cpu_chunked.csv")
     args = ap.parse_args(argv)
     if args.quick:
@@ -226,6 +248,12 @@ def main(argv=None) -> int:
     print(f"\nwrote {args.out}")
     if args.profile:
         profile()
+    if args.bf16_memory:
+        res = bf16_memory()
+        with open(args.out.with_name("cpu_chunked_bf16_memory.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(res))
+            writer.writeheader()
+            writer.writerow(res)
     return 0
 
 

@@ -36,6 +36,7 @@ CPU (the benchmark compares them that way).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Optional
 
@@ -62,9 +63,7 @@ def resolve_epilogue(impl: str, device: torch.device) -> str:
             raise ValueError(f"epilogue must be 'auto', 'triton' or one of {CPU_EPILOGUES}, got {impl!r}")
         return impl
     if device.type == "cuda":
-        from ..ops.backend import triton_available
-
-        return "triton" if triton_available() else "torch"
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
     choice = _cpu_choice or os.environ.get(CPU_EPILOGUE_ENV) or "native"
     if choice not in CPU_EPILOGUES:
         raise ValueError(f"{CPU_EPILOGUE_ENV} must be one of {CPU_EPILOGUES}, got {choice!r}")
