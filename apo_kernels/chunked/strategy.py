@@ -127,16 +127,24 @@ def addmm_hidden_grad(acc: Tensor, dz: Tensor, w: Tensor) -> None:
         acc.addmm_(dz[:, v0:v1], w[v0:v1].float())
 
 
-def add_weight_grad(out: Tensor, dz: Tensor, h: Tensor, h32: Tensor) -> None:
-    """``out += dz.T @ h``: ``out [Vb, D]`` fp32 or 16-bit, ``dz [C, Vb]`` fp32, ``h`` the
-    hidden rows in their dtype, ``h32`` in fp32. The product is accumulated in fp32 by the GEMM;
-    a 16-bit ``out`` is rounded once per call (the backward calls once per block)."""
+def weight_grad_into(out: Tensor, dz: Tensor, h: Tensor, h32: Tensor, *, first: bool) -> None:
+    """``out = dz.T @ h`` (``first``) or ``out += dz.T @ h``: ``out [Vb, D]`` fp32 or 16-bit,
+    ``dz [C, Vb]`` fp32, ``h`` the hidden rows in their dtype, ``h32`` in fp32. The product is
+    accumulated in fp32 by the GEMM; a 16-bit ``out`` is rounded once per call."""
     if out.dtype == torch.float32:
-        out.addmm_(dz.T, h32)
-    elif _out_dtype_mm_works(h.device.type, h.dtype):
-        out.add_(torch.mm(dz.T.to(h.dtype), h, out_dtype=torch.float32))
+        if first:
+            torch.mm(dz.T, h32, out=out)
+        else:
+            out.addmm_(dz.T, h32)
+        return
+    if _out_dtype_mm_works(h.device.type, h.dtype):
+        block = torch.mm(dz.T.to(h.dtype), h, out_dtype=torch.float32)
     else:
-        out.add_(torch.mm(dz.T, h32))  # fp32 [Vb, D]: one block, never the whole head
+        block = torch.mm(dz.T, h32)  # fp32 [Vb, D]: one block, never the whole head
+    if first:
+        out.copy_(block)
+    else:
+        out.add_(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +210,10 @@ def chunked_backward(
     temperature: float, grad_hidden: Optional[Tensor], grad_weight: Optional[Tensor],
     grad_bias: Optional[Tensor], chunk_bytes: Optional[int] = None, epilogue: str = "auto",
 ) -> None:
-    """Gradients at ``rows`` (same contract as ``triton_backward``, always exact and
+    """Gradients at ``rows`` (contract of ``triton_backward`` except for dW; always exact and
     deterministic). ``grad_hidden [N, D]`` and ``grad_bias [V]`` fp32, accumulated into;
-    ``grad_weight [V, D]`` fp32 or the weight's dtype: every block is ADDED once (pass zeros),
-    accumulated in fp32 before any rounding to 16 bits."""
+    ``grad_weight [V, D]`` fp32 or the weight's dtype is OVERWRITTEN (every row; ``torch.empty``
+    is fine), each block accumulated in fp32 before one rounding to 16 bits."""
     sel = _Rows(rows, labels.shape[0])
     m_rows, vocab = rows.numel(), weight.shape[0]
     token_step, vocab_step = backward_blocks(m_rows, vocab, chunk_bytes_for(hidden.device, chunk_bytes))
@@ -220,9 +228,9 @@ def chunked_backward(
     many_token_chunks = token_step < m_rows
     for v0, v1 in _spans(vocab, vocab_step):
         w_blk = weight[v0:v1]
-        dw_acc = None
+        dw_acc = None  # fp32 accumulator of a 16-bit dW block over several token chunks
         if grad_weight is not None and many_token_chunks and grad_weight.dtype != torch.float32:
-            dw_acc = torch.zeros((v1 - v0, weight.shape[1]), device=weight.device, dtype=torch.float32)
+            dw_acc = torch.empty((v1 - v0, weight.shape[1]), device=weight.device, dtype=torch.float32)
         for t0, t1 in _spans(m_rows, token_step):
             dz = buf[: t1 - t0, : v1 - v0]
             logits_into(dz, h[t0:t1], w_blk, h32[t0:t1])
@@ -236,11 +244,11 @@ def chunked_backward(
                 addmm_hidden_grad(dh[t0:t1], dz, w_blk)
             if grad_weight is not None:
                 target = dw_acc if dw_acc is not None else grad_weight[v0:v1]
-                add_weight_grad(target, dz, h[t0:t1], h32[t0:t1])
+                weight_grad_into(target, dz, h[t0:t1], h32[t0:t1], first=t0 == 0)
             if grad_bias is not None:
                 grad_bias[v0:v1] += dz.sum(0)
         if dw_acc is not None:
-            grad_weight[v0:v1] += dw_acc
+            grad_weight[v0:v1] = dw_acc
     if grad_hidden is not None:
         if sel.all_kept:
             grad_hidden += dh

@@ -144,9 +144,12 @@ def _backward_op(
     grad_hidden = torch.zeros(hidden.shape, **f32) if needs_hidden else None
     # The chunked strategy writes each dW block once, accumulated in fp32 by the GEMM, so it
     # needs no parameter-sized fp32 accumulator for 16-bit weights; the Triton kernels add
-    # tile by tile and do.
-    dw_dtype = torch.float32 if backend == "triton" else weight.dtype
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=dw_dtype) if needs_weight else None
+    # tile by tile and do. It also writes every row of dW, so it needs no zero fill.
+    is_chunked = backend != "triton"
+    dw_alloc = torch.empty if is_chunked and rows.numel() > 0 else torch.zeros
+    grad_weight = (dw_alloc(weight.shape, device=weight.device,
+                            dtype=weight.dtype if is_chunked else torch.float32)
+                   if needs_weight else None)
     grad_bias = torch.zeros(weight.shape[0], **f32) if needs_bias else None
     if rows.numel() > 0:
         grad_logp = grad_logp.float().contiguous()
