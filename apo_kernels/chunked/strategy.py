@@ -24,7 +24,7 @@ any recompute difference into an error in 1 - p (the label's gradient).
 
 Memory: one fp32 logits buffer of at most ``chunk_bytes`` (default 64 MiB on CPU, 256 MiB on
 CUDA; ``APO_KERNELS_CHUNK_MB`` overrides), ``[M, D]`` fp32 for dH (and hidden in fp32 for
-16-bit inputs), plus for 16-bit weights on CPU an 8 MiB fp32 copy of a weight sub-block (the
+16-bit inputs), plus for 16-bit weights on CPU a 2 MiB fp32 copy of a weight sub-block (the
 CPU GEMM has no fp32 output from 16-bit operands in torch 2.13; cuBLAS does, via ``out_dtype``).
 """
 
@@ -44,7 +44,7 @@ DEFAULT_CHUNK_BYTES = {"cpu": 64 * MiB, "cuda": 256 * MiB}
 CHUNK_ENV = "APO_KERNELS_CHUNK_MB"
 _ROW_MULTIPLE = 16      # GEMM-friendly chunk heights
 _MIN_VOCAB_BLOCK = 512  # below this, the backward chunks tokens inside a vocabulary block
-_WEIGHT_BLOCK_BYTES = 8 * MiB  # fp32 copy of a weight block (16-bit weights on CPU)
+_WEIGHT_BLOCK_BYTES = 2 * MiB  # fp32 copy of a weight sub-block (16-bit weights on CPU)
 
 
 def chunk_bytes_for(device: torch.device, chunk_bytes: Optional[int] = None) -> int:
@@ -137,14 +137,17 @@ def weight_grad_into(out: Tensor, dz: Tensor, h: Tensor, h32: Tensor, *, first: 
         else:
             out.addmm_(dz.T, h32)
         return
-    if _out_dtype_mm_works(h.device.type, h.dtype):
-        block = torch.mm(dz.T.to(h.dtype), h, out_dtype=torch.float32)
-    else:
-        block = torch.mm(dz.T, h32)  # fp32 [Vb, D]: one block, never the whole head
-    if first:
-        out.copy_(block)
-    else:
-        out.add_(block)
+    # fp32 products of weight sub-blocks (2 MiB each), rounded once into the 16-bit rows.
+    use_out_dtype = _out_dtype_mm_works(h.device.type, h.dtype)
+    for v0, v1 in _spans(out.shape[0], _weight_block_rows(out.shape[1])):
+        if use_out_dtype:
+            block = torch.mm(dz[:, v0:v1].T.to(h.dtype), h, out_dtype=torch.float32)
+        else:
+            block = torch.mm(dz[:, v0:v1].T, h32)
+        if first:
+            out[v0:v1].copy_(block)
+        else:
+            out[v0:v1].add_(block)
 
 
 # ---------------------------------------------------------------------------------------------
