@@ -86,11 +86,13 @@ def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
 def _out_dtype_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` here (cuBLAS with
     fp32 output from 16-bit operands; not on CPU in torch 2.13)."""
-    try:
+    try:  # the exact call patterns used below: out= a column slice, addmm into fp32, plain
         a = torch.ones(2, 2, device=device_type, dtype=dtype)
-        torch.mm(a, a, out_dtype=torch.float32)
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
-        return True
+        buf = torch.zeros(2, 4, device=device_type)
+        torch.mm(a, a.T, out_dtype=torch.float32, out=buf[:, :2])
+        torch.addmm(buf[:, :2], a, a, out_dtype=torch.float32, out=buf[:, :2])
+        ok = bool((buf[:, :2] == 4).all()) and torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        return ok
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
