@@ -186,7 +186,8 @@ def report(rows: list[dict]) -> None:
 
 
 def profile() -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     h, w, y = make_inputs()
     h.requires_grad_(True)

@@ -38,17 +38,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 CPU_EPILOGUES = ("native", "torch", "compile")
 CPU_EPILOGUE_ENV = "APO_KERNELS_CPU_EPILOGUE"
-_cpu_choice: Optional[str] = None
+_cpu_choice: str | None = None
 
 
-def set_cpu_epilogue(name: Optional[str]) -> None:
+def set_cpu_epilogue(name: str | None) -> None:
     """Pin the CPU epilogue ``"auto"`` resolves to (``None``: back to the default)."""
     if name is not None and name not in CPU_EPILOGUES:
         raise ValueError(f"cpu epilogue must be one of {CPU_EPILOGUES}, got {name!r}")
@@ -77,8 +76,8 @@ def resolve_epilogue(impl: str, device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 # (a) plain torch ops: in place where possible, every [C, V] pass counts on CPU.
 
-def _transform_(z: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float],
-                temperature: float) -> Optional[Tensor]:
+def _transform_(z: Tensor, bias: Tensor | None, scale: float, softcap: float | None,
+                temperature: float) -> Tensor | None:
     """``z <- T(z + b)`` in place; returns ``tanh`` of the softcap (for the jacobian) or None."""
     if bias is not None:
         z += bias
@@ -100,8 +99,8 @@ PARTIALS = ("m", "s1", "zy", "u", "s2", "sumz", "maxbefore")  # rows of the [7, 
 Partials = dict  # name -> fp32 [C]; "u" only with entropy, "s2"/"sumz"/"maxbefore" with stats
 
 
-def torch_forward_partials(logits: Tensor, labels: Tensor, bias: Optional[Tensor], logit_scale: float,
-                           softcap: Optional[float], temperature: float, with_entropy: bool,
+def torch_forward_partials(logits: Tensor, labels: Tensor, bias: Tensor | None, logit_scale: float,
+                           softcap: float | None, temperature: float, with_entropy: bool,
                            with_stats: bool) -> Partials:
     z = logits
     th = _transform_(z, bias, logit_scale, softcap, temperature)
@@ -128,7 +127,7 @@ def torch_forward_partials(logits: Tensor, labels: Tensor, bias: Optional[Tensor
     return res
 
 
-def merge_partials(a: Optional[Partials], b: Partials) -> Partials:
+def merge_partials(a: Partials | None, b: Partials) -> Partials:
     """Partials of two vocabulary blocks of the same rows -> partials of their union."""
     if a is None:
         return dict(b)
@@ -160,9 +159,9 @@ def finalize_partials(p: Partials, vocab_size: int) -> dict[str, Tensor]:
 
 
 def torch_grad_inplace(logits: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor,
-                       grad_logp: Tensor, grad_entropy: Optional[Tensor],
-                       expected_logit: Optional[Tensor], bias: Optional[Tensor], logit_scale: float,
-                       softcap: Optional[float], temperature: float) -> Tensor:
+                       grad_logp: Tensor, grad_entropy: Tensor | None,
+                       expected_logit: Tensor | None, bias: Tensor | None, logit_scale: float,
+                       softcap: float | None, temperature: float) -> Tensor:
     z = logits
     th = _transform_(z, bias, logit_scale, softcap, temperature)
     jac: Tensor | float
@@ -188,8 +187,8 @@ def torch_grad_inplace(logits: Tensor, labels: Tensor, row_max: Tensor, log_norm
 # ---------------------------------------------------------------------------------------------
 # (b) torch.compile of the functional form (inductor fuses the passes into its own C++/Triton).
 
-def _functional_partials(x: Tensor, labels: Tensor, bias: Optional[Tensor], scale: float,
-                         softcap: Optional[float], temperature: float, with_entropy: bool,
+def _functional_partials(x: Tensor, labels: Tensor, bias: Tensor | None, scale: float,
+                         softcap: float | None, temperature: float, with_entropy: bool,
                          with_stats: bool):
     z = x if bias is None else x + bias
     z = z * scale
@@ -211,8 +210,8 @@ def _functional_partials(x: Tensor, labels: Tensor, bias: Optional[Tensor], scal
 
 
 def _functional_grad_(x: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor, g: Tensor,
-                      ge: Optional[Tensor], ez: Optional[Tensor], bias: Optional[Tensor],
-                      scale: float, softcap: Optional[float], temperature: float) -> None:
+                      ge: Tensor | None, ez: Tensor | None, bias: Tensor | None,
+                      scale: float, softcap: float | None, temperature: float) -> None:
     a = x if bias is None else x + bias
     a = a * scale
     if softcap is not None:
@@ -273,8 +272,8 @@ def _check_chunk(logits: Tensor, labels: Tensor) -> None:
 
 
 def chunk_forward_partials(
-    logits: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
-    softcap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
+    logits: Tensor, labels: Tensor, *, bias: Tensor | None = None, logit_scale: float = 1.0,
+    softcap: float | None = None, temperature: float = 1.0, with_entropy: bool = False,
     with_stats: bool = False, vocab_start: int = 0, impl: str = "auto",
 ) -> Partials:
     """One vocabulary block's partial statistics from its raw logits (module docstring).
@@ -299,8 +298,8 @@ def chunk_forward_partials(
 
 
 def chunk_forward_epilogue(
-    logits: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
-    softcap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
+    logits: Tensor, labels: Tensor, *, bias: Tensor | None = None, logit_scale: float = 1.0,
+    softcap: float | None = None, temperature: float = 1.0, with_entropy: bool = False,
     with_stats: bool = False, impl: str = "auto",
 ) -> dict[str, Tensor]:
     """One chunk's per-token outputs from the raw logits of whole rows (module docstring)."""
@@ -312,8 +311,8 @@ def chunk_forward_epilogue(
 
 def chunk_grad_inplace(
     logits: Tensor, labels: Tensor, row_max: Tensor, log_norm: Tensor, grad_logp: Tensor, *,
-    grad_entropy: Optional[Tensor] = None, expected_logit: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+    grad_entropy: Tensor | None = None, expected_logit: Tensor | None = None,
+    bias: Tensor | None = None, logit_scale: float = 1.0, softcap: float | None = None,
     temperature: float = 1.0, vocab_start: int = 0, impl: str = "auto",
 ) -> Tensor:
     """Overwrite one chunk's raw logits by the gradient of the loss w.r.t. them; returns them.
@@ -329,7 +328,7 @@ def chunk_grad_inplace(
     if (grad_entropy is None) != (expected_logit is None):
         raise ValueError("grad_entropy and expected_logit must be given together")
     labels = (labels - vocab_start if vocab_start else labels).contiguous()
-    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    f32 = lambda t: None if t is None else t.float().contiguous()
     row_max, log_norm, grad_logp = f32(row_max), f32(log_norm), f32(grad_logp)
     grad_entropy, expected_logit = f32(grad_entropy), f32(expected_logit)
     impl = resolve_epilogue(impl, logits.device)

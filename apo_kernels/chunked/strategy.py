@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ _MIN_VOCAB_BLOCK = 512  # below this, the backward chunks tokens inside a vocabu
 _WEIGHT_BLOCK_BYTES = 2 * MiB  # fp32 copy of a weight sub-block (16-bit weights on CPU)
 
 
-def chunk_bytes_for(device: torch.device, chunk_bytes: Optional[int] = None) -> int:
+def chunk_bytes_for(device: torch.device, chunk_bytes: int | None = None) -> int:
     """The logits-buffer budget: the argument, else ``APO_KERNELS_CHUNK_MB``, else the default."""
     if chunk_bytes is not None:
         return int(chunk_bytes)
@@ -101,7 +101,7 @@ def _weight_block_rows(d: int) -> int:
     return max(128, _WEIGHT_BLOCK_BYTES // (4 * d))
 
 
-def logits_into(out: Tensor, h: Tensor, w: Tensor, h32: Optional[Tensor] = None) -> Tensor:
+def logits_into(out: Tensor, h: Tensor, w: Tensor, h32: Tensor | None = None) -> Tensor:
     """``out[:] = h @ w.T`` in fp32. ``out``: fp32 ``[C, Vb]`` (rows contiguous; may be a
     column slice); ``h [C, D]``, ``w [Vb, D]`` fp32 or both of one 16-bit dtype; ``h32``:
     ``h`` in fp32 if the caller has it."""
@@ -161,7 +161,7 @@ class _Rows:
     def __init__(self, rows: Tensor, n_total: int) -> None:
         self.rows, self.all_kept = rows, rows.numel() == n_total
 
-    def take(self, t: Optional[Tensor]) -> Optional[Tensor]:
+    def take(self, t: Tensor | None) -> Tensor | None:
         return None if t is None else (t if self.all_kept else t.index_select(0, self.rows))
 
     def put(self, out: Tensor, t0: int, t1: int, value: Tensor) -> None:
@@ -172,9 +172,9 @@ class _Rows:
 
 
 def chunked_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, rows: Tensor, *,
-    logit_scale: float, softcap: Optional[float], temperature: float, with_entropy: bool,
-    with_stats: bool, outputs: dict[str, Tensor], chunk_bytes: Optional[int] = None,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, rows: Tensor, *,
+    logit_scale: float, softcap: float | None, temperature: float, with_entropy: bool,
+    with_stats: bool, outputs: dict[str, Tensor], chunk_bytes: int | None = None,
     epilogue: str = "auto",
 ) -> None:
     """Fill ``outputs`` at ``rows`` (same contract as ``triton_forward``; no tile max).
@@ -209,11 +209,11 @@ def chunked_forward(
 
 
 def chunked_backward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, rows: Tensor,
-    row_max: Tensor, log_norm: Tensor, grad_logp: Tensor, expected_logit: Optional[Tensor],
-    grad_entropy: Optional[Tensor], *, logit_scale: float, softcap: Optional[float],
-    temperature: float, grad_hidden: Optional[Tensor], grad_weight: Optional[Tensor],
-    grad_bias: Optional[Tensor], chunk_bytes: Optional[int] = None, epilogue: str = "auto",
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, rows: Tensor,
+    row_max: Tensor, log_norm: Tensor, grad_logp: Tensor, expected_logit: Tensor | None,
+    grad_entropy: Tensor | None, *, logit_scale: float, softcap: float | None,
+    temperature: float, grad_hidden: Tensor | None, grad_weight: Tensor | None,
+    grad_bias: Tensor | None, chunk_bytes: int | None = None, epilogue: str = "auto",
 ) -> None:
     """Gradients at ``rows`` (contract of ``triton_backward`` except for dW; always exact and
     deterministic). ``grad_hidden [N, D]`` and ``grad_bias [V]`` fp32, accumulated into;

@@ -19,8 +19,6 @@ back in the buffer's dtype). Tested on CPU tensors under TRITON_INTERPRET agains
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -152,8 +150,8 @@ def triton_forward_partials(logits, labels, bias, logit_scale, softcap, temperat
     return out
 
 
-def triton_grad_inplace(logits, labels, row_max, log_norm, grad_logp, grad_entropy: Optional[torch.Tensor],
-                        expected_logit: Optional[torch.Tensor], bias, logit_scale, softcap,
+def triton_grad_inplace(logits, labels, row_max, log_norm, grad_logp, grad_entropy: torch.Tensor | None,
+                        expected_logit: torch.Tensor | None, bias, logit_scale, softcap,
                         temperature) -> None:
     """Same contract as ``chunked.epilogue.chunk_grad_inplace`` (labels already relative)."""
     _check(logits)
