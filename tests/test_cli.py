@@ -35,16 +35,16 @@ def test_check_passes_and_prints_a_table():
 
 def test_check_fails_with_exit_code_1_when_the_rule_is_broken(monkeypatch, capsys):
     """Sabotage the torch backend's gradient; check must notice and exit 1."""
-    import apo_kernels.reference as reference
+    import apo_kernels.chunked as reference
 
-    real = reference.torch_backward
+    real = reference.chunked_backward
 
     def broken(*args, **kwargs):
         real(*args, **kwargs)
         if kwargs.get("grad_weight") is not None:
             kwargs["grad_weight"].mul_(1.01)
 
-    monkeypatch.setattr(reference, "torch_backward", broken)
+    monkeypatch.setattr(reference, "chunked_backward", broken)
     assert main(["check", "--shapes", "9x8x40", "--dtypes", "float32", "--backends", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, overload, Literal
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import chunked, reference
 from .backend import resolve_backend
 from .checks import (
     check_label_values,
@@ -56,7 +56,7 @@ def _run_forward(backend, hidden, weight, bias, labels, rows, outputs, **kwargs)
 
             triton_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
         else:
-            reference.torch_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
+            chunked.chunked_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
 
 
 @torch.library.custom_op("apo_kernels::linear_logprobs_fwd", mutates_args=())
@@ -145,7 +145,14 @@ def _backward_op(
     rows = _kept_rows(labels, ignore_index)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.zeros(hidden.shape, **f32) if needs_hidden else None
-    grad_weight = torch.zeros(weight.shape, **f32) if needs_weight else None
+    # The chunked strategy writes each dW block once, accumulated in fp32 by the GEMM, so it
+    # needs no parameter-sized fp32 accumulator for 16-bit weights; the Triton kernels add
+    # tile by tile and do. It also writes every row of dW, so it needs no zero fill.
+    is_chunked = backend != "triton"
+    dw_alloc = torch.empty if is_chunked and rows.numel() > 0 else torch.zeros
+    grad_weight = (dw_alloc(weight.shape, device=weight.device,
+                            dtype=weight.dtype if is_chunked else torch.float32)
+                   if needs_weight else None)
     grad_bias = torch.zeros(weight.shape[0], **f32) if needs_bias else None
     if rows.numel() > 0:
         grad_logp = grad_logp.float().contiguous()
@@ -166,7 +173,7 @@ def _backward_op(
                 triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic,
                                 tile_max=tile_max, **kwargs)
             else:
-                reference.torch_backward(*args, **kwargs)
+                chunked.chunked_backward(*args, **kwargs)
 
     def cast(t: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
         return t.to(like.dtype) if t is not None else hidden.new_empty(_EMPTY)
