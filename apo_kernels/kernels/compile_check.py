@@ -54,7 +54,8 @@ from .launch_specs import LaunchSpec
 
 #: Every module whose kernels are checked; each exposes ``launch_specs() -> list[LaunchSpec]``.
 #: Names relative to this package (a dotted absolute name works too).
-KERNEL_MODULES: tuple[str, ...] = ("linear_logprobs_fwd", "linear_logprobs_bwd", "preference_head")
+KERNEL_MODULES: tuple[str, ...] = ("linear_logprobs_fwd", "linear_logprobs_bwd", "preference_head",
+                                   "chunk_epilogue")
 ARCHS: tuple[int, ...] = (80, 90)
 #: The SASS instructions the manifest counts (by opcode, any suffix).
 COUNTED = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "ATOMG", "REDG", "MEMBAR")
