@@ -183,9 +183,9 @@ def test_public_call_records_tile_max_only_when_a_filtered_backward_will_run(mon
     linear_logprobs(hidden, weight, labels, backend="triton")                     # no grad needed
     linear_logprobs(hidden.requires_grad_(), weight, labels, backend="triton")    # filtered backward
     linear_logprobs(hidden, weight, labels, backend="triton", filter_eps=None)    # exact
-    linear_logprobs(hidden, weight, labels, backend="triton", deterministic=True)
+    linear_logprobs(hidden, weight, labels, backend="triton", deterministic=True)  # pre-skip too
     linear_logprobs(hidden, weight, labels, backend="torch")
-    assert seen == [False, True, False, False, False]
+    assert seen == [False, True, False, True, False]
 
 
 def test_entropy_asked_as_a_metric_keeps_the_preskip():

@@ -1,25 +1,32 @@
 """Tile configurations the launchers pick from, by device, dtype and shape.
 
-Every configuration a launcher can return is listed in ``all_configs`` so the compile test
-(tests/test_kernel_compile.py) builds each one for sm_80 and sm_90 and checks it for spills.
+Every configuration a GPU launcher can return is enumerated by ``forward_variants`` /
+``backward_variants``; the kernel modules turn them into ``launch_specs()`` for the compile
+check. The GPU entries are first choices read off the SASS, not yet tuned on a device (tuned
+entries will name the device). Evidence (triton 3.9, compiled as the runtime launcher does:
+pointers and ``D``/row strides marked ``tt.divisibility=16``; registers per thread, spill bytes,
+wgmma shape, cp.async count; every optional feature on = the most live registers; see
+docs/kernels.md for the full table and ``benchmarks/kernel_sass.py`` to reproduce):
 
-The GPU entries are first choices that compile for sm_80 and sm_90 without register spills
-(checked by the compile test with every optional feature on), not yet tuned on a device;
-tuned entries will name the device they were tuned on. What the compile check showed when
-they were chosen (triton 3.9, registers per thread, spilled bytes):
-- forward, 16-bit: 128x128 tiles spill on both archs (255 regs, 224-552 B: the tile's fp32
-  logits, probabilities and the entropy/stat terms are all live); 64x128x32 with 8 warps
-  does not (234-242 regs).
-- backward, 16-bit: the tile's logit gradient stays live across the two gradient GEMMs;
-  64x128 spills, 64x64x32 with 8 warps does not (140-220 regs).
-- fp32 inputs: operands are twice the bytes; 64x64x32 forward and 32x64x32 backward (8 warps:
-  with 4 the dW kernel spills 8 B on sm_90).
-Under the interpreter tiles are small (numpy cost grows with the tile) but still >= 16 (tl.dot's
-minimum), and the vocabulary is split eagerly so tests exercise the split-merge path.
+- forward 16-bit, 128x128x64, 8 warps, 3 stages: sm_90 ``HGMMA.64x128x16``, LDGSTS pipelined,
+  no spills; sm_80 HMMA, no spills. (Before the divisibility marks were applied the old check
+  reported 128x128 spilling; it was reading unspecialised code.)
+- forward fp32 (tf32 or ieee), 128x128x32, 8 warps, 3 stages: no spills on either arch.
+- backward dz tile (the recompute + logit gradient), same tiles as the forward (so the
+  pre-skip's per-tile max lines up and the recompute rounds exactly like the forward).
+- backward gradient GEMMs (dW = dz^T h, dH = dz W): plain matmuls, 128x128x64 (16-bit) /
+  128x128x32 (fp32), 8 warps, 3 stages: ``HGMMA.64x128x16`` on sm_90, no spills.
+
+The dz buffer of the backward holds ``[M, chunk]`` gradient tiles; ``dz_chunk_columns`` picks
+the chunk under a memory budget (``DZ_BUFFER_BYTES``, 512 MiB on a GPU). Under the interpreter
+tiles are small (numpy cost grows with the tile) but still >= 16 (tl.dot's minimum), the
+vocabulary is split eagerly and the dz chunk is two tiles wide, so tests exercise the
+split-merge path, several vocabulary chunks and the sub-tile K steps of the gradient GEMMs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,25 +36,88 @@ from .common import interpreter_active
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes and launch parameters of one kernel launch."""
+    """Block sizes and launch parameters of one logit-tile kernel launch."""
 
     block_n: int  # tokens per tile
     block_v: int  # vocabulary entries per tile
     block_d: int  # hidden size step of the K loop
     num_warps: int
     num_stages: int
-    group_n: int = 8  # token blocks per L2 group in the backward's launch order
+    group_n: int = 8  # token blocks per L2 group in the dz kernel's launch order
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_n}x{self.block_v}x{self.block_d}w{self.num_warps}s{self.num_stages}"
 
 
-_INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=4, num_stages=1)
-_FWD_16BIT = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
-_FWD_FP32 = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=3)
-_BWD_16BIT = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2)
-_BWD_FP32 = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=2)
+@dataclass(frozen=True)
+class GemmConfig:
+    """A plain ``[BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]`` matmul tiling."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The three backward launches' tilings.
+
+    dz: the logit-gradient tile (``block_n`` tokens x ``block_v`` vocabulary entries); its
+        kept flags are the block-sparsity unit of the two GEMMs.
+    dw: ``dW[v-tile, d-tile] = sum_t dz[t, v-tile]^T h[t, d-tile]``: ``block_m`` (vocabulary)
+        must equal ``dz.block_v`` and ``block_k`` (tokens) divide ``dz.block_n``.
+    dh: ``dH[t-tile, d-tile] += sum_v dz[t-tile, v] W[v, d-tile]``: ``block_m`` (tokens) must
+        equal ``dz.block_n`` and ``block_k`` (vocabulary) divide ``dz.block_v``.
+    """
+
+    dz: TileConfig
+    dw: GemmConfig
+    dh: GemmConfig
+
+    def __post_init__(self) -> None:
+        assert self.dw.block_m == self.dz.block_v and self.dz.block_n % self.dw.block_k == 0
+        assert self.dh.block_m == self.dz.block_n and self.dz.block_v % self.dh.block_k == 0
+
+    @property
+    def label(self) -> str:
+        return f"dz{self.dz.label}.dw{self.dw.label}.dh{self.dh.label}"
+
+
+_INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=4, num_stages=1, group_n=2)
+_INTERPRETER_BWD = BackwardConfig(
+    dz=_INTERPRETER,
+    dw=GemmConfig(block_m=64, block_n=32, block_k=16, num_warps=4, num_stages=1),
+    dh=GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1),  # 2 K steps per tile
+)
+_FWD_16BIT = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+_FWD_FP32 = TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_BWD_16BIT = BackwardConfig(
+    dz=_FWD_16BIT,
+    dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+)
+_BWD_FP32 = BackwardConfig(
+    dz=_FWD_FP32,
+    dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+    dh=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+)
 
 # Programs to aim for in the forward: enough waves to fill every SM when N is small.
 _INTERPRETER_TARGET_PROGRAMS = 8
 _PROGRAMS_PER_SM = 2
+# Share of L2 the token blocks being read at one time may take (the rest is for W tiles).
+_L2_SHARE_FOR_H = 0.5
+# Memory the backward's dz chunk buffer may use on a GPU.
+DZ_BUFFER_BYTES = 512 * 2**20
+# Tests set this to run the interpreter with the GPU's 16-bit dz buffer (see ``dz_dtype``).
+DZ_16BIT_IN_INTERPRETER = False
 
 
 def forward_config(dtype: torch.dtype) -> TileConfig:
@@ -56,33 +126,71 @@ def forward_config(dtype: torch.dtype) -> TileConfig:
     return _FWD_FP32 if dtype == torch.float32 else _FWD_16BIT
 
 
-def backward_config(dtype: torch.dtype) -> TileConfig:
+def backward_config(dtype: torch.dtype) -> BackwardConfig:
     if interpreter_active():
-        return _INTERPRETER
+        return _INTERPRETER_BWD
     return _BWD_FP32 if dtype == torch.float32 else _BWD_16BIT
 
 
-def all_configs() -> dict[str, list[tuple[TileConfig, torch.dtype]]]:
-    """Every (config, dtype) pair the GPU launchers can pick, per kernel family."""
-    dtypes16 = (torch.float16, torch.bfloat16)
-    return {
-        "forward": [(_FWD_16BIT, d) for d in dtypes16] + [(_FWD_FP32, torch.float32)],
-        "backward": [(_BWD_16BIT, d) for d in dtypes16] + [(_BWD_FP32, torch.float32)],
-    }
+_PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("ieee",), torch.bfloat16: ("ieee",)}
 
 
-def vocab_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.device) -> tuple[int, int]:
+def forward_variants() -> list[tuple[TileConfig, torch.dtype, str]]:
+    """Every (config, dtype, fp32 dot precision) the GPU forward launcher can pick."""
+    return [(_FWD_FP32 if d == torch.float32 else _FWD_16BIT, d, p)
+            for d, precisions in _PRECISIONS.items() for p in precisions]
+
+
+def backward_variants() -> list[tuple[BackwardConfig, torch.dtype, str]]:
+    """Every (config, dtype, fp32 dot precision) the GPU backward launcher can pick."""
+    return [(_BWD_FP32 if d == torch.float32 else _BWD_16BIT, d, p)
+            for d, precisions in _PRECISIONS.items() for p in precisions]
+
+
+def vocab_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.device,
+                 block_bytes: int = 0) -> tuple[int, int]:
     """How many programs share one token block's vocabulary: ``(splits, tiles_per_split)``.
 
-    Small N (a reference model's forward on a short batch) would otherwise leave most SMs idle;
-    each split writes partial (max, sum-exp, ...) statistics that a merge kernel combines with
+    Two reasons to split, whichever asks for more:
+    - small N (a reference model's forward on a short batch) would leave most SMs idle;
+    - L2 reuse: the split programs of one token block run together (split index fastest in
+      the launch order), so only ``SMs / splits`` token blocks (``block_bytes`` each, the
+      ``BLOCK_N x D`` rows every vocabulary tile re-reads) are in flight; enough splits keep
+      them within half of L2, so ``h`` is read from L2 instead of HBM.
+    Each split writes partial (max, sum-exp, ...) statistics that a merge kernel combines with
     a stable log-add. No split is left empty.
     """
     if interpreter_active() or device.type != "cuda":
-        target = _INTERPRETER_TARGET_PROGRAMS
+        target, l2_splits = _INTERPRETER_TARGET_PROGRAMS, 1
     else:
-        target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(num_vocab_tiles, -(-target // max(num_token_blocks, 1))))
+        props = torch.cuda.get_device_properties(device)
+        target = _PROGRAMS_PER_SM * props.multi_processor_count
+        l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+        l2_splits = math.ceil(props.multi_processor_count * block_bytes / (_L2_SHARE_FOR_H * l2))
+    splits = max(1, l2_splits, -(-target // max(num_token_blocks, 1)))
+    splits = min(num_vocab_tiles, splits)
     tiles_per_split = -(-num_vocab_tiles // splits)
     splits = -(-num_vocab_tiles // tiles_per_split)
     return splits, tiles_per_split
+
+
+def dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the backward's dz buffer: the input dtype on a GPU (the dtype the gradient
+    GEMMs feed the tensor cores); fp32 under the interpreter, like every dot operand there
+    (``common.dot_dtype``), unless a test asks for the GPU's rounding with ``DZ_16BIT_IN_INTERPRETER``."""
+    if dtype == torch.float32 or (interpreter_active() and not DZ_16BIT_IN_INTERPRETER):
+        return torch.float32
+    return dtype
+
+
+def dz_chunk_columns(num_rows: int, vocab: int, elem_bytes: int, align: int) -> int:
+    """Vocabulary columns per backward chunk: the ``[M, chunk]`` dz buffer stays within
+    ``DZ_BUFFER_BYTES`` (at least one ``align``-wide tile; ``align`` is a multiple of the dz
+    tile and of the forward tile, so chunks start on tile boundaries). Interpreter: two tiles,
+    so small tests still cross chunk boundaries."""
+    if interpreter_active():
+        cols = 2 * align
+    else:
+        cols = DZ_BUFFER_BYTES // max(1, num_rows * elem_bytes) // align * align
+    cols = max(align, cols)
+    return min(cols, -(-vocab // align) * align)

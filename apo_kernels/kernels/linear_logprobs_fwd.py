@@ -30,30 +30,40 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, input_precision
-from .configs import forward_config, vocab_splits
+from .configs import forward_config, forward_variants, vocab_splits
+from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
+from .operands import compact_rows, note_alignment, unit_stride_last
 
 # Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
 _M, _S1, _ZY, _U, _S2, _SUMZ, _MAXBEFORE = range(7)
 NUM_PARTIALS = 7
+MERGE_BLOCK = 128
 
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, part_ptr, tmax_ptr,
-    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd, tiles_per_split, part_stride,
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, tmax_ptr,
+    M, V, D, stride_hn, stride_wv, num_splits, tiles_per_split, part_stride,
     tmax_stride, scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, RECORD_TILE_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    """One program: one block of BLOCK_N compacted tokens x one vocabulary split.
+
+    1-D launch, split index fastest: the ``num_splits`` programs that share a token block are
+    consecutive, so they run at the same time and read that block of ``h`` from L2 (it is
+    ``BLOCK_N x D``, re-read once per vocabulary tile), while programs of the same split in
+    neighbouring token blocks stream the same ``W`` rows at about the same pace.
+    """
+    pid = tl.program_id(0)
+    pid_n = pid // num_splits
+    split = pid % num_splits
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < M
-    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
-    y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
+    y = tl.load(labels_ptr + n, mask=n_valid, other=-1).to(tl.int64)
 
     neg_inf = float("-inf")
     m = tl.full((BLOCK_N,), neg_inf, tl.float32)
@@ -70,15 +80,15 @@ def _forward_kernel(
         v = v0 + tl.arange(0, BLOCK_V)
         v_valid = v < V
         z, _ = transformed_logit_tile(
-            h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
-            stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+            h_ptr, w_ptr, b_ptr, n, n_valid, v, v_valid, D,
+            stride_hn, stride_wv, scale, softcap, inv_temp,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         z = tl.where(v_valid[None, :], z, neg_inf)
         tile_max = tl.max(z, 1)
         if RECORD_TILE_MAX:
             # Lets the backward bound max_v p = exp(tile_max - lse) and skip the whole tile,
             # recompute included (1/BLOCK_V of the logits' size).
-            tl.store(tmax_ptr + rows * tmax_stride + v0 // BLOCK_V, tile_max, mask=n_valid)
+            tl.store(tmax_ptr + n.to(tl.int64) * tmax_stride + v0 // BLOCK_V, tile_max, mask=n_valid)
 
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
@@ -181,29 +191,37 @@ def triton_forward(
     """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
 
     Args:
-        hidden: ``[N, D]`` fp32/fp16/bf16, any strides.
-        weight: ``[V, D]`` same dtype, any strides.  bias: ``[V]`` or None.
+        hidden: ``[N, D]`` fp32/fp16/bf16, any strides (the kept rows are compacted into a
+            contiguous ``[M, D]`` copy unless every row is kept and ``hidden`` is contiguous).
+        weight: ``[V, D]`` same dtype (copied once if its last dimension is strided).
+        bias: ``[V]`` or None.
         labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
-        rows: ``[M]`` int64, the kept token indices (M >= 1).
+        rows: ``[M]`` int64, the sorted kept token indices (M >= 1).
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
             when asked, ``entropy``,
             ``mean_logit``, ``log_sum_p2``; int8 ``[N]`` ``is_top1``.
-        tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]``: each kept token's max
-            transformed logit in each forward vocabulary tile, for the backward's pre-skip.
+        tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]`` (N >= M): row ``i < M``
+            receives the ``i``-th kept token's max transformed logit in each forward vocabulary
+            tile (compacted order, as the backward reads it), for the backward's pre-skip.
     """
     num_rows = rows.numel()
     V, D = weight.shape
     cfg = forward_config(hidden.dtype)
+    h_c = compact_rows(hidden, rows)
+    labels_c = compact_rows(labels, rows)
+    weight = unit_stride_last(weight, "weight")
+    note_alignment("linear_logprobs forward", h_c, weight)
     token_blocks = triton.cdiv(num_rows, cfg.block_n)
-    splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
+    splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device,
+                                           block_bytes=cfg.block_n * D * hidden.element_size())
     if NUM_PARTIALS * splits * num_rows >= 2**31:
         raise ValueError(f"too many tokens for one launch ({num_rows}); split the batch")
     partials = torch.empty((NUM_PARTIALS, splits, num_rows), device=hidden.device, dtype=torch.float32)
-    _forward_kernel[(token_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden, rows, labels, partials,
+    _forward_kernel[(token_blocks * splits,)](
+        h_c, weight, bias if bias is not None else h_c, labels_c, partials,
         tile_max if tile_max is not None else partials,
-        num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        tiles_per_split, splits * num_rows, tile_max.stride(0) if tile_max is not None else 0,
+        num_rows, V, D, h_c.stride(0), weight.stride(0),
+        splits, tiles_per_split, splits * num_rows, tile_max.stride(0) if tile_max is not None else 0,
         float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, RECORD_TILE_MAX=tile_max is not None,
@@ -211,12 +229,38 @@ def triton_forward(
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    merge_block = 128
     dummy = outputs["logp"]
-    _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
+    _merge_kernel[(triton.cdiv(num_rows, MERGE_BLOCK),)](
         partials, rows, outputs["logp"], outputs["row_max"], outputs["log_norm"],
         outputs.get("entropy", dummy), outputs.get("mean_logit", dummy),
         outputs.get("is_top1", dummy), outputs.get("log_sum_p2", dummy),
         num_rows, splits, splits * num_rows, 1.0 / V,
-        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=merge_block,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=MERGE_BLOCK,
     )
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every forward variant the launcher can pick on a GPU: each (config, dtype, precision)
+    with the optional features all on (the most live registers) and all off, plus the one a
+    policy forward with a filtered backward uses (tile max recorded, nothing else)."""
+    specs = []
+    for cfg, dtype, precision in forward_variants():
+        tl_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
+                    torch.bfloat16: tl.bfloat16}[dtype]
+        flag_sets = {"all": (True,) * 5, "none": (False,) * 5,
+                     "tmax": (False, False, False, False, True)}
+        for label, (bias, cap, ent, stats, tmax) in flag_sets.items():
+            specs.append(LaunchSpec(
+                kernel=_forward_kernel, config=f"{cfg.label}{'' if precision == 'ieee' else '.tf32'}.{label}",
+                dtype=dtype,
+                constexprs=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, WITH_ENTROPY=ent, WITH_STATS=stats,
+                                RECORD_TILE_MAX=tmax, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                                BLOCK_D=cfg.block_d, DOT_DTYPE=tl_dtype, INPUT_PRECISION=precision),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                divisible=("D", "stride_hn", "stride_wv"),
+                expects_dot=dtype != torch.float32 or precision == "tf32",
+                expects_pipelined=True))
+    specs.append(LaunchSpec(
+        kernel=_merge_kernel, config=f"b{MERGE_BLOCK}.all", dtype=torch.float32,
+        constexprs=dict(WITH_ENTROPY=True, WITH_STATS=True, BLOCK=MERGE_BLOCK), num_warps=4))
+    return specs
