@@ -62,7 +62,7 @@ def compile_spec(spec, arch: int) -> dict:
         res = subprocess.run([_TOOL, "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", res)) else 0
-    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)]
+    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", sass, re.M)]
     count = collections.Counter(op.split(".")[0] for op in ops)
     shapes = sorted({op.split(".")[1] for op in ops if op.startswith("HGMMA.")})
     hmma = sorted({".".join(op.split(".")[1:2]) for op in ops if op.startswith("HMMA.")})

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ..ops import skip_stats
-from .common import dot_dtype, input_precision
+from .common import dot_dtype, input_precision, interpreter_active, round_to_bf16
 from .configs import backward_config, backward_variants, dz_chunk_columns, dz_dtype, forward_config
 from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
@@ -77,7 +77,7 @@ def _dz_kernel(
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     FILTER: tl.constexpr, PRESKIP: tl.constexpr, COUNT_SKIPS: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
-    LABEL_RESIDUAL: tl.constexpr,
+    LABEL_RESIDUAL: tl.constexpr, BF16_RNE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -117,11 +117,11 @@ def _dz_kernel(
                        mask=n_valid, other=float("-inf"))
         p_bound = tl.exp((tmax - row_max) - log_norm)
         # `<=` so that NaN counts as large, as in the filter.
-        large = tl.where(p_bound <= filter_eps, 0, 1)
+        row_large = tl.where(p_bound <= filter_eps, 0, 1)
         # A label in the tile carries g (1 - p): never provably small.
         y = tl.load(labels_ptr + n, mask=n_valid, other=-1)
-        large = tl.where((y >= tile_v0) & (y < tile_v0 + BLOCK_V), 1, large)
-        worth_recomputing = tl.max(large) > 0
+        row_large = tl.where((y >= tile_v0) & (y < tile_v0 + BLOCK_V), 1, row_large)
+        worth_recomputing = tl.max(row_large) > 0
     if worth_recomputing:
         z, jac = transformed_logit_tile(
             h_ptr, w_ptr, b_ptr, n, n_valid, v, v_valid, D, stride_hn, stride_wv,
@@ -151,7 +151,10 @@ def _dz_kernel(
         keep = tl.max(tl.max(large, 1), 0) > 0
         if keep:  # flags start at 0
             tl.store(flag_ptr, 1)
-            rounded = dacc.to(dz_ptr.dtype.element_ty)
+            if BF16_RNE:  # the interpreter's own cast truncates
+                rounded = round_to_bf16(dacc).to(dz_ptr.dtype.element_ty)
+            else:
+                rounded = dacc.to(dz_ptr.dtype.element_ty)
             tl.store(dz_ptr + n64[:, None] * stride_dz + col[None, :], rounded, mask=n_valid[:, None])
             if LABEL_RESIDUAL:
                 # What rounding dz to 16 bits lost at the label entry (the one large entry of
@@ -410,6 +413,7 @@ def triton_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
             FILTER=filter_eps is not None, PRESKIP=preskip,
             COUNT_SKIPS=count, FWD_BLOCK_V=fwd_block_v, LABEL_RESIDUAL=residual,
+            BF16_RNE=interpreter_active() and buffer_dtype == torch.bfloat16,
             BLOCK_N=cfg.dz.block_n, BLOCK_V=cfg.dz.block_v, BLOCK_D=cfg.dz.block_d,
             GROUP_N=cfg.dz.group_n, num_warps=cfg.dz.num_warps, num_stages=cfg.dz.num_stages, **dot)
         if grad_weight is not None or grad_bias is not None:
@@ -474,7 +478,7 @@ def launch_specs() -> list[LaunchSpec]:
             specs.append(LaunchSpec(
                 kernel=_dz_kernel, config=f"{cfg.dz.label}{suffix}.{label}", dtype=dtype,
                 constexprs=dict(zip(names, map(bool, flags)), FWD_BLOCK_V=forward_config_block_v(dtype),
-                                LABEL_RESIDUAL=residual,
+                                LABEL_RESIDUAL=residual, BF16_RNE=False,
                                 BLOCK_N=cfg.dz.block_n, BLOCK_V=cfg.dz.block_v, BLOCK_D=cfg.dz.block_d,
                                 GROUP_N=cfg.dz.group_n, **dot),
                 num_warps=cfg.dz.num_warps, num_stages=cfg.dz.num_stages,
