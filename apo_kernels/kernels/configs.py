@@ -96,18 +96,33 @@ _INTERPRETER_BWD = BackwardConfig(
     dw=GemmConfig(block_m=64, block_n=32, block_k=16, num_warps=4, num_stages=1),
     dh=GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1),  # 2 K steps per tile
 )
-_FWD_16BIT = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-_FWD_FP32 = TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
-_BWD_16BIT = BackwardConfig(
-    dz=_FWD_16BIT,
-    dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-)
-_BWD_FP32 = BackwardConfig(
-    dz=_FWD_FP32,
-    dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-    dh=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-)
+# Keyed by the dot's operand kind: "16" (fp16/bf16), "tf32", "ieee" (fp32 FMA dots, exact).
+_FWD = {
+    "16": TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
+    "tf32": TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
+    "ieee": TileConfig(block_n=32, block_v=128, block_d=32, num_warps=8, num_stages=3),
+}
+# With the extra statistics (return_stats) three more row vectors and their tile reductions are
+# live: 128-row tiles spill (8-16 B), 64-row tiles do not.
+_FWD_STATS = {
+    "16": TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
+    "tf32": TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3),
+    "ieee": _FWD["ieee"],
+}
+_BWD = {
+    "16": BackwardConfig(
+        dz=_FWD["16"],
+        dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+        dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    "tf32": BackwardConfig(
+        dz=_FWD["tf32"],
+        dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+        dh=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)),
+    "ieee": BackwardConfig(
+        dz=_FWD["ieee"],
+        dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+        dh=GemmConfig(block_m=32, block_n=128, block_k=32, num_warps=8, num_stages=3)),
+}
 
 # Programs to aim for in the forward: enough waves to fill every SM when N is small.
 _INTERPRETER_TARGET_PROGRAMS = 8
@@ -120,31 +135,39 @@ DZ_BUFFER_BYTES = 512 * 2**20
 DZ_16BIT_IN_INTERPRETER = False
 
 
-def forward_config(dtype: torch.dtype) -> TileConfig:
+def _kind(dtype: torch.dtype, precision: str | None) -> str:
+    if dtype != torch.float32:
+        return "16"
+    if precision is None:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return precision
+
+
+def forward_config(dtype: torch.dtype, with_stats: bool = False, precision: str | None = None) -> TileConfig:
+    """The forward's tiles. ``precision``: the fp32 dot precision (default: torch's TF32 flag)."""
     if interpreter_active():
         return _INTERPRETER
-    return _FWD_FP32 if dtype == torch.float32 else _FWD_16BIT
+    return (_FWD_STATS if with_stats else _FWD)[_kind(dtype, precision)]
 
 
-def backward_config(dtype: torch.dtype) -> BackwardConfig:
+def backward_config(dtype: torch.dtype, precision: str | None = None) -> BackwardConfig:
     if interpreter_active():
         return _INTERPRETER_BWD
-    return _BWD_FP32 if dtype == torch.float32 else _BWD_16BIT
+    return _BWD[_kind(dtype, precision)]
 
 
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("ieee",), torch.bfloat16: ("ieee",)}
 
 
-def forward_variants() -> list[tuple[TileConfig, torch.dtype, str]]:
-    """Every (config, dtype, fp32 dot precision) the GPU forward launcher can pick."""
-    return [(_FWD_FP32 if d == torch.float32 else _FWD_16BIT, d, p)
-            for d, precisions in _PRECISIONS.items() for p in precisions]
+def forward_variants() -> list[tuple[TileConfig, torch.dtype, str, bool]]:
+    """Every (config, dtype, dot precision, with_stats) the GPU forward launcher can pick."""
+    return [((_FWD_STATS if stats else _FWD)[_kind(d, p)], d, p, stats)
+            for d, precisions in _PRECISIONS.items() for p in precisions for stats in (False, True)]
 
 
 def backward_variants() -> list[tuple[BackwardConfig, torch.dtype, str]]:
-    """Every (config, dtype, fp32 dot precision) the GPU backward launcher can pick."""
-    return [(_BWD_FP32 if d == torch.float32 else _BWD_16BIT, d, p)
-            for d, precisions in _PRECISIONS.items() for p in precisions]
+    """Every (config, dtype, dot precision) the GPU backward launcher can pick."""
+    return [(_BWD[_kind(d, p)], d, p) for d, precisions in _PRECISIONS.items() for p in precisions]
 
 
 def vocab_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.device,
@@ -194,3 +217,10 @@ def dz_chunk_columns(num_rows: int, vocab: int, elem_bytes: int, align: int) -> 
         cols = DZ_BUFFER_BYTES // max(1, num_rows * elem_bytes) // align * align
     cols = max(align, cols)
     return min(cols, -(-vocab // align) * align)
+
+
+# The pre-skip reads the forward's per-tile max at the forward's tile width, which must be one
+# width for every forward config (tile_max_columns does not know the flags) and a multiple of
+# the dz tile's.
+assert len({c.block_v for c in (*_FWD.values(), *_FWD_STATS.values())}) == 1
+assert all(_FWD["16"].block_v % b.dz.block_v == 0 for b in _BWD.values())

@@ -466,7 +466,7 @@ def launch_specs() -> list[LaunchSpec]:
     """
     specs = []
     for cfg, dtype, precision in backward_variants():
-        suffix = "" if precision == "ieee" else ".tf32"
+        suffix = "." + (precision if dtype == torch.float32 else "mma")
         dot = dict(DOT_DTYPE=_TL[dtype], INPUT_PRECISION=precision)
         mma = dtype != torch.float32 or precision == "tf32"
         types = {"dz_ptr": _DZ_TYPE[dtype], "flag_ptr": "*i8", "skips_ptr": "*i32"}
@@ -516,4 +516,4 @@ def forward_config_block_v(dtype: torch.dtype) -> int:
     """The GPU forward's vocabulary tile (the pre-skip's tile-max granularity)."""
     from .configs import forward_variants
 
-    return next(cfg.block_v for cfg, d, _ in forward_variants() if d == dtype)
+    return next(cfg.block_v for cfg, d, _, _ in forward_variants() if d == dtype)

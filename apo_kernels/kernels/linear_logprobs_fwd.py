@@ -206,7 +206,7 @@ def triton_forward(
     """
     num_rows = rows.numel()
     V, D = weight.shape
-    cfg = forward_config(hidden.dtype)
+    cfg = forward_config(hidden.dtype, with_stats)
     h_c = compact_rows(hidden, rows)
     labels_c = compact_rows(labels, rows)
     weight = unit_stride_last(weight, "weight")
@@ -240,20 +240,21 @@ def triton_forward(
 
 
 def launch_specs() -> list[LaunchSpec]:
-    """Every forward variant the launcher can pick on a GPU: each (config, dtype, precision)
-    with the optional features all on (the most live registers) and all off, plus the one a
-    policy forward with a filtered backward uses (tile max recorded, nothing else)."""
+    """Every forward variant the launcher can pick on a GPU: each (config, dtype, precision,
+    stats) with the optional features all on (the most live registers) and all off, plus the
+    one a policy forward with a filtered backward uses (tile max recorded, nothing else)."""
     specs = []
-    for cfg, dtype, precision in forward_variants():
+    for cfg, dtype, precision, stats in forward_variants():
         tl_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}[dtype]
-        flag_sets = {"all": (True,) * 5, "none": (False,) * 5,
-                     "tmax": (False, False, False, False, True)}
-        for label, (bias, cap, ent, stats, tmax) in flag_sets.items():
+        flag_sets = ({"stats_all": (True,) * 5, "stats": (False, False, False, True, False)} if stats else
+                     {"all": (True, True, True, False, True), "none": (False,) * 5,
+                      "tmax": (False, False, False, False, True)})
+        for label, (bias, cap, ent, with_stats, tmax) in flag_sets.items():
             specs.append(LaunchSpec(
-                kernel=_forward_kernel, config=f"{cfg.label}{'' if precision == 'ieee' else '.tf32'}.{label}",
+                kernel=_forward_kernel, config=f"{cfg.label}.{precision if dtype == torch.float32 else 'mma'}.{label}",
                 dtype=dtype,
-                constexprs=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, WITH_ENTROPY=ent, WITH_STATS=stats,
+                constexprs=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, WITH_ENTROPY=ent, WITH_STATS=with_stats,
                                 RECORD_TILE_MAX=tmax, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                                 BLOCK_D=cfg.block_d, DOT_DTYPE=tl_dtype, INPUT_PRECISION=precision),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
