@@ -70,7 +70,8 @@ def compile_spec(spec, arch: int) -> dict:
                 regs=field("REG"), spill=field("STACK") + field("LOCAL"), smem=k.metadata.shared,
                 hgmma=count["HGMMA"], hgmma_shapes=",".join(shapes), hmma=count["HMMA"], hmma_shapes=",".join(hmma),
                 ldgsts=count["LDGSTS"], utmaldg=count["UTMALDG"], atomg=count["ATOMG"],
-                redg=count["REDG"], membar=count["MEMBAR"], ldg=count["LDG"])
+                redg=count["REDG"], membar=count["MEMBAR"], ldg=count["LDG"],
+                membar_gpu=sum(op.startswith("MEMBAR") and "GPU" in op for op in ops))
 
 
 def all_specs():
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("-k", default="")
     args = ap.parse_args()
     cols = ["kernel", "config", "dtype", "arch", "regs", "spill", "smem", "hgmma", "hgmma_shapes",
-            "hmma", "ldgsts", "utmaldg", "atomg", "redg", "membar", "ldg"]
+            "hmma", "hmma_shapes", "ldgsts", "utmaldg", "atomg", "redg", "membar", "membar_gpu", "ldg"]
     print("\t".join(cols))
     for arch in args.arch:
         for spec in all_specs():

@@ -100,7 +100,7 @@ _INTERPRETER_BWD = BackwardConfig(
 _FWD = {
     "16": TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
     "tf32": TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
-    "ieee": TileConfig(block_n=32, block_v=128, block_d=32, num_warps=8, num_stages=3),
+    "ieee": TileConfig(block_n=32, block_v=128, block_d=16, num_warps=8, num_stages=3),
 }
 # With the extra statistics (return_stats) three more row vectors and their tile reductions are
 # live: 128-row tiles spill (8-16 B), 64-row tiles do not.

@@ -72,19 +72,20 @@ _GEMM_GROUP = 8  # output-tile rows per L2 group in the gradient GEMMs' launch o
 @triton.jit
 def _dz_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, tmax_ptr,
-    dz_ptr, flag_ptr, res_ptr, skips_ptr,
+    dz_ptr, flag_ptr, res_ptr,
     M, V, D, v_start, chunk_tiles, stride_hn, stride_wv, stride_dz, tmax_stride,
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    FILTER: tl.constexpr, PRESKIP: tl.constexpr, COUNT_SKIPS: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
+    FILTER: tl.constexpr, PRESKIP: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
     LABEL_RESIDUAL: tl.constexpr, BF16_RNE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One ``[BLOCK_N, BLOCK_V]`` tile of ``dacc`` for chunk columns ``[v_start, ...)``.
 
-    When kept, writes ``dz[n, c] = dacc`` (all BLOCK_V columns, zeros past V) and sets
-    ``flag[pid_n, pid_v]`` to 1 (flags start zeroed); all per-token vectors are compacted ``[M]``.
+    When kept, writes ``dz[n, c] = dacc`` (all BLOCK_V columns, zeros past V). ``flag[pid_n,
+    pid_v]``: 0 skipped before the recompute (left as initialised), 1 kept, 2 recomputed and
+    dropped by the filter. All per-token vectors are compacted ``[M]``. No atomics.
     """
     # Grouped launch order: GROUP_N token blocks sweep the chunk's vocabulary tiles together,
     # so each W tile is read from HBM once per group and the group's h rows stay in L2.
@@ -149,8 +150,9 @@ def _dz_kernel(
         else:
             large = tl.where(n_valid[:, None], 1, 0)  # pid_n < cdiv(M, BLOCK_N): some row is valid
         keep = tl.max(tl.max(large, 1), 0) > 0
-        if keep:  # flags start at 0
-            tl.store(flag_ptr, 1)
+        # Flags start at 0 (= skipped before the recompute): 1 kept, 2 dropped by the filter.
+        tl.store(flag_ptr, tl.where(keep, 1, 2).to(tl.int8))
+        if keep:
             if BF16_RNE:  # the interpreter's own cast truncates
                 rounded = round_to_bf16(dacc).to(dz_ptr.dtype.element_ty)
             else:
@@ -163,10 +165,6 @@ def _dz_kernel(
                 res = tl.sum(tl.where(at_label, dacc - rounded.to(tl.float32), 0.0), 1)
                 in_tile = (y >= tile_v0) & (y < tile_v0 + BLOCK_V)
                 tl.store(res_ptr + n, res, mask=n_valid & in_tile)
-        elif COUNT_SKIPS:
-            tl.atomic_add(skips_ptr + 1, 1, sem="relaxed")
-    elif COUNT_SKIPS:
-        tl.atomic_add(skips_ptr, 1, sem="relaxed")
 
 
 @triton.jit
@@ -327,9 +325,9 @@ def _block_lists(flags: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     """From kept flags ``[token blocks, vocab tiles]``: for each index along the other dim, the
     kept indices along ``dim`` first in ascending order (stable sort: a fixed K order, so the
     GEMMs are deterministic), as int32 rows, and how many there are. No host sync."""
-    skipped = (flags == 0).to(torch.uint8)
+    skipped = (flags != 1).to(torch.uint8)
     order = torch.argsort(skipped, dim=dim, stable=True).to(torch.int32)
-    counts = flags.to(torch.int32).sum(dim, dtype=torch.int32)
+    counts = (flags == 1).sum(dim, dtype=torch.int32)
     return (order.T if dim == 0 else order).contiguous(), counts
 
 
@@ -388,7 +386,7 @@ def triton_backward(
     preskip = (tile_max is not None and filter_eps is not None and not with_entropy
                and fwd_block_v % cfg.dz.block_v == 0)
     count = skip_stats.counting()
-    skips = torch.zeros(2, device=hidden.device, dtype=torch.int32)
+    skips = torch.zeros(2, device=hidden.device, dtype=torch.int64) if count else None
     # 16-bit dz: the label entries' rounding residual, added back after the chunks.
     buffer_dtype = dz_dtype(hidden.dtype)
     residual = buffer_dtype != torch.float32
@@ -406,16 +404,18 @@ def triton_backward(
         total_tiles += n_blocks * chunk_tiles
         _dz_kernel[(n_blocks * chunk_tiles,)](
             h_c, weight, bias if bias is not None else dummy, labels_c, row_max_c, log_norm_c,
-            ez_c, g_c, ge_c, tile_max if preskip else dummy, dz, flags, res, skips,
+            ez_c, g_c, ge_c, tile_max if preskip else dummy, dz, flags, res,
             num_rows, V, D, v_start, chunk_tiles, h_c.stride(0), weight.stride(0), dz.stride(0),
             tile_max.stride(0) if preskip else 0,
             float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature), float(filter_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
             FILTER=filter_eps is not None, PRESKIP=preskip,
-            COUNT_SKIPS=count, FWD_BLOCK_V=fwd_block_v, LABEL_RESIDUAL=residual,
+            FWD_BLOCK_V=fwd_block_v, LABEL_RESIDUAL=residual,
             BF16_RNE=interpreter_active() and buffer_dtype == torch.bfloat16,
             BLOCK_N=cfg.dz.block_n, BLOCK_V=cfg.dz.block_v, BLOCK_D=cfg.dz.block_d,
             GROUP_N=cfg.dz.group_n, num_warps=cfg.dz.num_warps, num_stages=cfg.dz.num_stages, **dot)
+        if count:
+            skips += torch.stack([(flags == 0).sum(), (flags == 2).sum()])
         if grad_weight is not None or grad_bias is not None:
             dw_list, dw_count = _block_lists(flags, 0)
             num_d = triton.cdiv(D, cfg.dw.block_n) if grad_weight is not None else 1
@@ -469,11 +469,11 @@ def launch_specs() -> list[LaunchSpec]:
         suffix = "." + (precision if dtype == torch.float32 else "mma")
         dot = dict(DOT_DTYPE=_TL[dtype], INPUT_PRECISION=precision)
         mma = dtype != torch.float32 or precision == "tf32"
-        types = {"dz_ptr": _DZ_TYPE[dtype], "flag_ptr": "*i8", "skips_ptr": "*i32"}
-        names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER", "PRESKIP", "COUNT_SKIPS")
+        types = {"dz_ptr": _DZ_TYPE[dtype], "flag_ptr": "*i8"}
+        names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER", "PRESKIP")
         residual = dtype != torch.float32
-        flag_sets = {"all": (1, 1, 1, 1, 1, 1), "none": (0, 0, 0, 0, 0, 0),
-                     "preskip": (0, 0, 0, 1, 1, 0), "softcap_entropy": (0, 1, 1, 1, 0, 0)}
+        flag_sets = {"all": (1, 1, 1, 1, 1), "none": (0, 0, 0, 0, 0),
+                     "preskip": (0, 0, 0, 1, 1), "softcap_entropy": (0, 1, 1, 1, 0)}
         for label, flags in flag_sets.items():
             specs.append(LaunchSpec(
                 kernel=_dz_kernel, config=f"{cfg.dz.label}{suffix}.{label}", dtype=dtype,
