@@ -123,3 +123,17 @@ def test_skip_counts_cover_every_chunk_tile():
     cfg = configs.backward_config(torch.float32).dz
     assert stats.tiles == -(-50 // cfg.block_n) * -(-509 // cfg.block_v)
     assert 0 < stats.skipped_before_recompute + stats.skipped_after_recompute < stats.tiles
+
+
+def test_tensor_descriptor_loads_match_pointer_loads(monkeypatch):
+    """The experimental TMA switch of the dH GEMM (tensor descriptors; off by default, see
+    docs/kernels.md) computes exactly what the pointer loads do."""
+    import apo_kernels.kernels.linear_logprobs_bwd as bwd
+
+    hidden, weight, labels, _ = make_inputs(37, 48, 509, torch.float32, ignore_frac=0.2)
+    g = torch.randn(37)
+    results = []
+    for tma in (False, True):
+        monkeypatch.setattr(bwd, "_USE_TMA", tma)
+        results.append(_grads(hidden, weight, labels, None, g, filter_eps=None)[0])
+    assert torch.equal(results[0], results[1])

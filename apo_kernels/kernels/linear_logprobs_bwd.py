@@ -66,7 +66,8 @@ from .logit_tile import transformed_logit_tile
 from .operands import compact_rows, note_alignment, unit_stride_last
 
 _RESIDUAL_BLOCK_D = 512  # the residual kernel streams single rows of h and W
-_GEMM_GROUP = 8  # output-tile rows per L2 group in the gradient GEMMs' launch order
+_GEMM_GROUP = 8
+_USE_TMA = False  # experimental: tensor-descriptor operand loads in _dh_kernel (see docs/kernels.md)  # output-tile rows per L2 group in the gradient GEMMs' launch order
 
 
 @triton.jit
@@ -230,16 +231,18 @@ def _dw_kernel(
 @triton.jit
 def _dh_kernel(
     w_ptr, dz_ptr, list_ptr, count_ptr, dh_ptr,
-    M, V, D, v_start, stride_wv, stride_dz, stride_list,
+    M, V, D, v_start, chunk_cols, stride_wv, stride_dz, stride_list,
     DZ_BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``dH_c[t, d] += sum_c dz[t, c] W[v_start + c, d]`` over this chunk's kept tiles.
 
     Program = output tile (BLOCK_M tokens = one dz tile row, BLOCK_N of D). The K loop runs
     over the ``count`` kept vocabulary tiles of its row, each DZ_BLOCK_V columns in BLOCK_K
     steps; the fp32 tile is added to dH_c once (skipped when nothing was kept).
+    ``USE_TMA``: operand tiles through tensor descriptors (TMA on sm_90; out-of-range rows of
+    dz and W read as zeros by the hardware) instead of masked pointer loads (cp.async).
     """
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
@@ -252,13 +255,23 @@ def _dh_kernel(
     blocks = list_ptr + pid_m * stride_list
     SUB: tl.constexpr = DZ_BLOCK_V // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if USE_TMA:
+        dz_desc = tl.make_tensor_descriptor(dz_ptr, shape=[M, chunk_cols], strides=[stride_dz, 1],
+                                            block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_wv, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     for i in range(0, count * SUB):
         blk = tl.load(blocks + i // SUB)
-        col = blk * DZ_BLOCK_V + (i % SUB) * BLOCK_K + tl.arange(0, BLOCK_K)
-        v = v_start + col
-        a = tl.load(dz_ptr + n64[:, None] * stride_dz + col[None, :], mask=n_valid[:, None], other=0.0)
-        b = tl.load(w_ptr + v.to(tl.int64)[:, None] * stride_wv + d[None, :],
-                    mask=(v < V)[:, None] & d_valid[None, :], other=0.0)
+        c0 = blk * DZ_BLOCK_V + (i % SUB) * BLOCK_K
+        if USE_TMA:
+            a = dz_desc.load([pid_m * BLOCK_M, c0])
+            b = w_desc.load([v_start + c0, pid_n * BLOCK_N])
+        else:
+            col = c0 + tl.arange(0, BLOCK_K)
+            v = v_start + col
+            a = tl.load(dz_ptr + n64[:, None] * stride_dz + col[None, :], mask=n_valid[:, None], other=0.0)
+            b = tl.load(w_ptr + v.to(tl.int64)[:, None] * stride_wv + d[None, :],
+                        mask=(v < V)[:, None] & d_valid[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     if count > 0:
         ptrs = dh_ptr + n64[:, None] * D + d[None, :]
@@ -395,6 +408,7 @@ def triton_backward(
     align = math.lcm(cfg.dz.block_v, fwd_block_v)
     chunk = dz_chunk_columns(num_rows, V, torch.finfo(buffer_dtype).bits // 8, align)
     dz = torch.empty((num_rows, chunk), device=hidden.device, dtype=buffer_dtype)
+    use_tma = _USE_TMA
     n_blocks = triton.cdiv(num_rows, cfg.dz.block_n)
     dot = dict(DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype))
     total_tiles = 0
@@ -432,9 +446,9 @@ def triton_backward(
             dh_list, dh_count = _block_lists(flags, 1)
             _dh_kernel[(n_blocks * triton.cdiv(D, cfg.dh.block_n),)](
                 weight, dz, dh_list, dh_count, dh_c,
-                num_rows, V, D, v_start, weight.stride(0), dz.stride(0), dh_list.stride(0),
+                num_rows, V, D, v_start, chunk, weight.stride(0), dz.stride(0), dh_list.stride(0),
                 DZ_BLOCK_V=cfg.dz.block_v, BLOCK_M=cfg.dh.block_m, BLOCK_N=cfg.dh.block_n,
-                BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP,
+                BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP, USE_TMA=use_tma,
                 num_warps=cfg.dh.num_warps, num_stages=cfg.dh.num_stages, **dot)
     if count:
         before, after = skips.tolist()
@@ -497,7 +511,7 @@ def launch_specs() -> list[LaunchSpec]:
         specs.append(LaunchSpec(
             kernel=_dh_kernel, config=f"{cfg.dh.label}{suffix}", dtype=dtype,
             constexprs=dict(DZ_BLOCK_V=cfg.dz.block_v, BLOCK_M=cfg.dh.block_m, BLOCK_N=cfg.dh.block_n,
-                            BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP, **dot),
+                            BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP, USE_TMA=False, **dot),
             num_warps=cfg.dh.num_warps, num_stages=cfg.dh.num_stages,
             divisible=("D", "stride_wv", "stride_dz", "v_start"),
             types={"w_ptr": "*" + _DZ_TYPE[dtype][1:], "dz_ptr": _DZ_TYPE[dtype], "list_ptr": "*i32",
