@@ -100,7 +100,7 @@ _INTERPRETER_BWD = BackwardConfig(
 _FWD = {
     "16": TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
     "tf32": TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
-    "ieee": TileConfig(block_n=32, block_v=128, block_d=16, num_warps=8, num_stages=3),
+    "ieee": TileConfig(block_n=64, block_v=128, block_d=16, num_warps=8, num_stages=3),
 }
 # With the extra statistics (return_stats) three more row vectors and their tile reductions are
 # live: 128-row tiles spill (8-16 B), 64-row tiles do not.
@@ -121,7 +121,7 @@ _BWD = {
     "ieee": BackwardConfig(
         dz=_FWD["ieee"],
         dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-        dh=GemmConfig(block_m=32, block_n=128, block_k=32, num_warps=8, num_stages=3)),
+        dh=GemmConfig(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)),
 }
 
 # Programs to aim for in the forward: enough waves to fill every SM when N is small.
