@@ -4,18 +4,23 @@ Every configuration a GPU launcher can return is enumerated by ``forward_variant
 ``backward_variants``; the kernel modules turn them into ``launch_specs()`` for the compile
 check. The GPU entries are first choices read off the SASS, not yet tuned on a device (tuned
 entries will name the device). Evidence (triton 3.9, compiled as the runtime launcher does:
-pointers and ``D``/row strides marked ``tt.divisibility=16``; registers per thread, spill bytes,
-wgmma shape, cp.async count; every optional feature on = the most live registers; see
-docs/kernels.md for the full table and ``benchmarks/kernel_sass.py`` to reproduce):
+pointers and ``D``/row strides marked ``tt.divisibility=16``; registers per thread / spill
+bytes, sm_90 then sm_80, over the flag sets of ``launch_specs``; full table in
+docs/kernels.md, reproduce with ``benchmarks/kernel_sass.py``):
 
-- forward 16-bit, 128x128x64, 8 warps, 3 stages: sm_90 ``HGMMA.64x128x16``, LDGSTS pipelined,
-  no spills; sm_80 HMMA, no spills. (Before the divisibility marks were applied the old check
-  reported 128x128 spilling; it was reading unspecialised code.)
-- forward fp32 (tf32 or ieee), 128x128x32, 8 warps, 3 stages: no spills on either arch.
-- backward dz tile (the recompute + logit gradient), same tiles as the forward (so the
-  pre-skip's per-tile max lines up and the recompute rounds exactly like the forward).
-- backward gradient GEMMs (dW = dz^T h, dH = dz W): plain matmuls, 128x128x64 (16-bit) /
-  128x128x32 (fp32), 8 warps, 3 stages: ``HGMMA.64x128x16`` on sm_90, no spills.
+- forward 16-bit 128x128x64, 8 warps, 3 stages: sm_90 194-255 / 0, ``HGMMA.64x128x16`` (4 per
+  K step), 24 LDGSTS; sm_80 242-255 / 0, ``HMMA.16816``. With ``return_stats`` 128-row tiles
+  spill (8-16 B: three more row statistics live), so stats use 64x128x64: 186-190 / 0,
+  ``HGMMA.64x64x16``.
+- forward TF32 128x128x32 (stats 64x128x32): sm_90 196-255 / 0, ``HGMMA.64x128x8``.
+- forward exact fp32 (FMA dots, torch's default without TF32) 64x128x16: 186-255 / 0 on both;
+  32-row tiles were capped at 128 registers by ptxas and spilled 8-24 B.
+- backward dz tile: the forward's tiles (so the recompute rounds like the forward and the
+  pre-skip's tile max lines up): 16-bit 128-244 / 0 on sm_90, ``HGMMA.64x128x16``, 24 LDGSTS.
+- backward gradient GEMMs (dW = dz^T h, dH = dz W): 128x128x64 (16-bit) / 128x128x32 (fp32),
+  8 warps, 3 stages: dW 97-125 / 0, dH 190 / 0 on sm_90, ``HGMMA.64x128x16``, 19 LDGSTS.
+  128x256 would give ``HGMMA.64x256x16`` for dW on sm_90 (166-194 / 0) but spills on sm_80
+  (40 B with dbias) and for dH on both (192-288 B: the fp32 read-modify-write epilogue).
 
 The dz buffer of the backward holds ``[M, chunk]`` gradient tiles; ``dz_chunk_columns`` picks
 the chunk under a memory budget (``DZ_BUFFER_BYTES``, 512 MiB on a GPU). Under the interpreter
