@@ -111,7 +111,7 @@ def torch_backward(
     grad_bias: torch.Tensor | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> None:
-    """Same contract as ``triton_backward`` in deterministic mode (label term included)."""
+    """Same contract as ``kernels.linear_logprobs_bwd.triton_backward`` (exact, no filter)."""
     w32, b32 = weight.float(), _fp32(bias)
     step = _chunk_tokens(weight.shape[0], chunk_bytes)
     for r in _chunks(rows, labels.shape[0], step):

@@ -259,9 +259,9 @@ def linear_logprobs(
             skipped when every entry of its logit gradient is at most ``filter_eps`` times the
             token's gradient scale. ``"auto"``: 2^-12 for bf16, 2^-15 for fp16, exact (None) for
             fp32. ``None``: exact. The torch backend is always exact.
-        deterministic: bit-reproducible backward without atomics (the label term rides in the
-            gradient tiles instead of a sparse atomic update; same FLOPs, the pre-skip stays
-            on but never skips a tile holding a label).
+        deterministic: bit-reproducible backward. The Triton backward has no atomics and is
+            bit-reproducible in every mode now (docs/kernels.md); kept for the API and for
+            backends that may need it.
         backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
             or ``"auto"``.
 
