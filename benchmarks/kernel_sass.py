@@ -74,21 +74,22 @@ def compile_spec(spec, arch: int) -> dict:
                 membar_gpu=sum(op.startswith("MEMBAR") and "GPU" in op for op in ops))
 
 
-def all_specs():
+def all_specs(exhaustive: bool = False):
     from apo_kernels.kernels import linear_logprobs_bwd, linear_logprobs_fwd
-    return linear_logprobs_fwd.launch_specs() + linear_logprobs_bwd.launch_specs()
+    return linear_logprobs_fwd.launch_specs(exhaustive) + linear_logprobs_bwd.launch_specs(exhaustive)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, nargs="*", default=[90, 80])
     ap.add_argument("-k", default="")
+    ap.add_argument("--exhaustive", action="store_true", help="every feature-flag combination")
     args = ap.parse_args()
     cols = ["kernel", "config", "dtype", "arch", "regs", "spill", "smem", "hgmma", "hgmma_shapes",
             "hmma", "hmma_shapes", "ldgsts", "utmaldg", "atomg", "redg", "membar", "membar_gpu", "ldg"]
     print("\t".join(cols))
     for arch in args.arch:
-        for spec in all_specs():
+        for spec in all_specs(args.exhaustive):
             if args.k and args.k not in f"{spec.name} {spec.config}":
                 continue
             r = compile_spec(spec, arch)

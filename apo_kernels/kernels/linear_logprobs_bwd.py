@@ -52,6 +52,7 @@ recomputed the logits twice, 8 N D V).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -471,12 +472,14 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 _DZ_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def launch_specs() -> list[LaunchSpec]:
+def launch_specs(exhaustive: bool = False) -> list[LaunchSpec]:
     """Every backward variant the launcher can pick on a GPU.
 
-    dz kernel: per (config, dtype, precision), its flags at the corners (all on: the most live
-    registers; all off) and the two common policy backwards (filtered with pre-skip,
-    and softcap with an entropy gradient). Gradient GEMMs: dW with/without dbias, dbias only, dH.
+    dz kernel: per (config, dtype, precision), by default its flags at the corners (all on: the
+    most live registers; all off) and the two common policy backwards (filtered with pre-skip,
+    and softcap with an entropy gradient); ``exhaustive``: all 20 flag combinations the
+    launcher can form (the pre-skip needs the filter and no entropy gradient). Gradient GEMMs:
+    dW with/without dbias, dbias only, dH. Label residual kernel.
     """
     specs = []
     for cfg, dtype, precision in backward_variants():
@@ -488,6 +491,10 @@ def launch_specs() -> list[LaunchSpec]:
         residual = dtype != torch.float32
         flag_sets = {"all": (1, 1, 1, 1, 1), "none": (0, 0, 0, 0, 0),
                      "preskip": (0, 0, 0, 1, 1), "softcap_entropy": (0, 1, 1, 1, 0)}
+        if exhaustive:
+            flag_sets = {"".join("BCEFP"[i] if f else "-" for i, f in enumerate(flags)): flags
+                         for flags in itertools.product((0, 1), repeat=5)
+                         if not flags[4] or (flags[3] and not flags[2])}
         for label, flags in flag_sets.items():
             specs.append(LaunchSpec(
                 kernel=_dz_kernel, config=f"{cfg.dz.label}{suffix}.{label}", dtype=dtype,

@@ -25,6 +25,8 @@ the splits with the same rule (alpha_s = exp(m_s - M)) and writes the per-token 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -239,17 +241,25 @@ def triton_forward(
     )
 
 
-def launch_specs() -> list[LaunchSpec]:
-    """Every forward variant the launcher can pick on a GPU: each (config, dtype, precision,
-    stats) with the optional features all on (the most live registers) and all off, plus the
-    one a policy forward with a filtered backward uses (tile max recorded, nothing else)."""
+def launch_specs(exhaustive: bool = False) -> list[LaunchSpec]:
+    """Every forward variant the launcher can pick on a GPU.
+
+    Per (config, dtype, precision, stats): by default the optional features all on (the most
+    live registers), all off, and the policy forward of a filtered backward (tile max only);
+    ``exhaustive``: every combination of the five feature flags (32 per config; a long
+    compile, for a one-off check that no combination spills).
+    """
     specs = []
     for cfg, dtype, precision, stats in forward_variants():
         tl_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}[dtype]
-        flag_sets = ({"stats_all": (True,) * 5, "stats": (False, False, False, True, False)} if stats else
-                     {"all": (True, True, True, False, True), "none": (False,) * 5,
-                      "tmax": (False, False, False, False, True)})
+        if exhaustive:
+            flag_sets = {"".join("BCESM"[i] if f else "-" for i, f in enumerate(flags)): flags
+                         for flags in itertools.product((False, True), repeat=5) if flags[3] == stats}
+        else:
+            flag_sets = ({"stats_all": (True,) * 5, "stats": (False, False, False, True, False)} if stats else
+                         {"all": (True, True, True, False, True), "none": (False,) * 5,
+                          "tmax": (False, False, False, False, True)})
         for label, (bias, cap, ent, with_stats, tmax) in flag_sets.items():
             specs.append(LaunchSpec(
                 kernel=_forward_kernel, config=f"{cfg.label}.{precision if dtype == torch.float32 else 'mma'}.{label}",
