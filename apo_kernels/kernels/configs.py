@@ -107,9 +107,11 @@ _FWD = {
     "tf32": TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
     "ieee": TileConfig(block_n=64, block_v=128, block_d=16, num_warps=8, num_stages=3),
 }
-# With the extra statistics (return_stats) three more row vectors and their tile reductions are
-# live: 128-row tiles spill (8-16 B), 64-row tiles do not.
-_FWD_STATS = {
+# With the entropy or the extra statistics (return_stats) more tile-sized temporaries are live:
+# 128-row tiles sit at 255 registers and spill 8-88 B for some flag combinations (ptxas is not
+# monotone in the flags: entropy alone spills, entropy with everything else does not), 64-row
+# tiles stay near 190 registers.
+_FWD_HEAVY = {
     "16": TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
     "tf32": TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3),
     "ieee": _FWD["ieee"],
@@ -148,11 +150,12 @@ def _kind(dtype: torch.dtype, precision: str | None) -> str:
     return precision
 
 
-def forward_config(dtype: torch.dtype, with_stats: bool = False, precision: str | None = None) -> TileConfig:
-    """The forward's tiles. ``precision``: the fp32 dot precision (default: torch's TF32 flag)."""
+def forward_config(dtype: torch.dtype, heavy: bool = False, precision: str | None = None) -> TileConfig:
+    """The forward's tiles; ``heavy``: with the entropy or the extra statistics.
+    ``precision``: the fp32 dot precision (default: torch's TF32 flag)."""
     if interpreter_active():
         return _INTERPRETER
-    return (_FWD_STATS if with_stats else _FWD)[_kind(dtype, precision)]
+    return (_FWD_HEAVY if heavy else _FWD)[_kind(dtype, precision)]
 
 
 def backward_config(dtype: torch.dtype, precision: str | None = None) -> BackwardConfig:
@@ -165,9 +168,9 @@ _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("ieee",), torch.
 
 
 def forward_variants() -> list[tuple[TileConfig, torch.dtype, str, bool]]:
-    """Every (config, dtype, dot precision, with_stats) the GPU forward launcher can pick."""
-    return [((_FWD_STATS if stats else _FWD)[_kind(d, p)], d, p, stats)
-            for d, precisions in _PRECISIONS.items() for p in precisions for stats in (False, True)]
+    """Every (config, dtype, dot precision, heavy) the GPU forward launcher can pick."""
+    return [((_FWD_HEAVY if heavy else _FWD)[_kind(d, p)], d, p, heavy)
+            for d, precisions in _PRECISIONS.items() for p in precisions for heavy in (False, True)]
 
 
 def backward_variants() -> list[tuple[BackwardConfig, torch.dtype, str]]:
@@ -227,5 +230,5 @@ def dz_chunk_columns(num_rows: int, vocab: int, elem_bytes: int, align: int) -> 
 # The pre-skip reads the forward's per-tile max at the forward's tile width, which must be one
 # width for every forward config (tile_max_columns does not know the flags) and a multiple of
 # the dz tile's.
-assert len({c.block_v for c in (*_FWD.values(), *_FWD_STATS.values())}) == 1
+assert len({c.block_v for c in (*_FWD.values(), *_FWD_HEAVY.values())}) == 1
 assert all(_FWD["16"].block_v % b.dz.block_v == 0 for b in _BWD.values())

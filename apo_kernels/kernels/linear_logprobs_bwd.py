@@ -67,8 +67,8 @@ from .logit_tile import transformed_logit_tile
 from .operands import compact_rows, note_alignment, unit_stride_last
 
 _RESIDUAL_BLOCK_D = 512  # the residual kernel streams single rows of h and W
-_GEMM_GROUP = 8
-_USE_TMA = False  # experimental: tensor-descriptor operand loads in _dh_kernel (see docs/kernels.md)  # output-tile rows per L2 group in the gradient GEMMs' launch order
+_GEMM_GROUP = 8  # output-tile rows per L2 group in the gradient GEMMs' launch order
+_USE_TMA = False  # experimental: tensor-descriptor operand loads in _dh_kernel (see docs/kernels.md)
 
 
 @triton.jit

@@ -208,7 +208,7 @@ def triton_forward(
     """
     num_rows = rows.numel()
     V, D = weight.shape
-    cfg = forward_config(hidden.dtype, with_stats)
+    cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats)
     h_c = compact_rows(hidden, rows)
     labels_c = compact_rows(labels, rows)
     weight = unit_stride_last(weight, "weight")
@@ -244,21 +244,23 @@ def triton_forward(
 def launch_specs(exhaustive: bool = False) -> list[LaunchSpec]:
     """Every forward variant the launcher can pick on a GPU.
 
-    Per (config, dtype, precision, stats): by default the optional features all on (the most
-    live registers), all off, and the policy forward of a filtered backward (tile max only);
-    ``exhaustive``: every combination of the five feature flags (32 per config; a long
-    compile, for a one-off check that no combination spills).
+    Per (config, dtype, precision, heavy = entropy or stats): by default the optional features
+    all on, all off, and the common policy forwards (tile max, with or without entropy);
+    ``exhaustive``: every combination of the five feature flags (16 per config; a long
+    compile, for a one-off check that no combination spills: ptxas is not monotone in them).
     """
     specs = []
-    for cfg, dtype, precision, stats in forward_variants():
+    for cfg, dtype, precision, heavy in forward_variants():
         tl_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}[dtype]
         if exhaustive:
             flag_sets = {"".join("BCESM"[i] if f else "-" for i, f in enumerate(flags)): flags
-                         for flags in itertools.product((False, True), repeat=5) if flags[3] == stats}
+                         for flags in itertools.product((False, True), repeat=5)
+                         if (flags[2] or flags[3]) == heavy}
         else:
-            flag_sets = ({"stats_all": (True,) * 5, "stats": (False, False, False, True, False)} if stats else
-                         {"all": (True, True, True, False, True), "none": (False,) * 5,
+            flag_sets = ({"all": (True,) * 5, "entropy_tmax": (False, False, True, False, True),
+                          "stats": (False, False, False, True, False)} if heavy else
+                         {"all": (True, True, False, False, True), "none": (False,) * 5,
                           "tmax": (False, False, False, False, True)})
         for label, (bias, cap, ent, with_stats, tmax) in flag_sets.items():
             specs.append(LaunchSpec(
