@@ -9,10 +9,12 @@ bytes, sm_90 then sm_80, over the flag sets of ``launch_specs``; full table in
 docs/kernels.md, reproduce with ``benchmarks/kernel_sass.py``):
 
 - forward 16-bit 128x128x64, 8 warps, 3 stages: sm_90 194-255 / 0, ``HGMMA.64x128x16`` (4 per
-  K step), 24 LDGSTS; sm_80 242-255 / 0, ``HMMA.16816``. With ``return_stats`` 128-row tiles
-  spill (8-16 B: three more row statistics live), so stats use 64x128x64: 186-190 / 0,
-  ``HGMMA.64x64x16``.
-- forward TF32 128x128x32 (stats 64x128x32): sm_90 196-255 / 0, ``HGMMA.64x128x8``.
+  K step), 24 LDGSTS; sm_80 242-255 / 0, ``HMMA.16816``. With the entropy or ``return_stats``
+  128-row tiles spill for some flag combinations (8-88 B; entropy alone spilled, entropy with
+  every other flag did not: ptxas is not monotone, so every combination is compiled once with
+  ``launch_specs(exhaustive=True)``), so those use 64x128x64: 186-190 / 0, ``HGMMA.64x64x16``.
+  (128x128x32 with 4 stages spilled 88 B with entropy + tile max.)
+- forward TF32 128x128x32 (entropy/stats 64x128x32): sm_90 196-255 / 0, ``HGMMA.64x128x8``.
 - forward exact fp32 (FMA dots, torch's default without TF32) 64x128x16: 186-255 / 0 on both;
   32-row tiles were capped at 128 registers by ptxas and spilled 8-24 B.
 - backward dz tile: the forward's tiles (so the recompute rounds like the forward and the
