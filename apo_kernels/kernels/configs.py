@@ -123,10 +123,11 @@ _BWD = {
         dz=_FWD["16"],
         dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
         dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    # fp32 operands: the 128-row dz tile spills 16 B with bias + softcap + entropy on sm_90.
     "tf32": BackwardConfig(
-        dz=_FWD["tf32"],
+        dz=_FWD_HEAVY["tf32"],
         dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-        dh=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)),
+        dh=GemmConfig(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)),
     "ieee": BackwardConfig(
         dz=_FWD["ieee"],
         dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
