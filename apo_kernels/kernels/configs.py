@@ -123,9 +123,11 @@ _BWD = {
         dz=_FWD["16"],
         dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
         dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
-    # fp32 operands: the 128-row dz tile spills 16 B with bias + softcap + entropy on sm_90.
+    # fp32 operands: the 128-row dz tile spills 16 B with bias + softcap + entropy on sm_90,
+    # 64x128x32 8 B on sm_80 (ptxas capped it at 128 registers); 64x128x16 is clean for all 20
+    # flag combinations on both. (The K step does not change the order of accumulation.)
     "tf32": BackwardConfig(
-        dz=_FWD_HEAVY["tf32"],
+        dz=TileConfig(block_n=64, block_v=128, block_d=16, num_warps=8, num_stages=3),
         dw=GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
         dh=GemmConfig(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)),
     "ieee": BackwardConfig(
