@@ -119,10 +119,13 @@ _FWD_HEAVY = {
     "ieee": _FWD["ieee"],
 }
 _BWD = {
+    # 16-bit: the 128-row dz tile spills 32-72 B on sm_80 with softcap + entropy (a 128x128 fp32
+    # tile is 16K registers; z, jac, p and dz make four); 64 rows are clean for all 20 flag
+    # combinations on both. dH then has 64-row tiles: one warpgroup, HGMMA.64x128x16.
     "16": BackwardConfig(
-        dz=_FWD["16"],
+        dz=TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
         dw=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-        dh=GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+        dh=GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
     # fp32 operands: the 128-row dz tile spills 16 B with bias + softcap + entropy on sm_90,
     # 64x128x32 8 B on sm_80 (ptxas capped it at 128 registers); 64x128x16 is clean for all 20
     # flag combinations on both. (The K step does not change the order of accumulation.)
