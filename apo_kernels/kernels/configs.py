@@ -17,10 +17,13 @@ docs/kernels.md, reproduce with ``benchmarks/kernel_sass.py``):
 - forward TF32 128x128x32 (entropy/stats 64x128x32): sm_90 196-255 / 0, ``HGMMA.64x128x8``.
 - forward exact fp32 (FMA dots, torch's default without TF32) 64x128x16: 186-255 / 0 on both;
   32-row tiles were capped at 128 registers by ptxas and spilled 8-24 B.
-- backward dz tile: the forward's tiles (so the recompute rounds like the forward and the
-  pre-skip's tile max lines up): 16-bit 128-244 / 0 on sm_90, ``HGMMA.64x128x16``, 24 LDGSTS.
-- backward gradient GEMMs (dW = dz^T h, dH = dz W): 128x128x64 (16-bit) / 128x128x32 (fp32),
-  8 warps, 3 stages: dW 97-125 / 0, dH 190 / 0 on sm_90, ``HGMMA.64x128x16``, 19 LDGSTS.
+- backward dz tile (recompute + logit gradient), 16-bit 64x128x64, 8 warps, 3 stages: 91-159
+  registers, no spills on either arch in all 20 flag combinations, ``HGMMA.64x64x16``, 18
+  LDGSTS (128-row tiles spilled 32-72 B on sm_80 with softcap + entropy). Its vocabulary tile
+  is the forward's (the pre-skip's tile max lines up). TF32 64x128x16, exact fp32 64x128x16.
+- backward gradient GEMMs, plain matmuls, 3 stages: dW = dz^T h 128x128x64, 8 warps: 97-166 /
+  0, ``HGMMA.64x128x16`` (A transposed from shared memory), 19 LDGSTS; dH = dz W 64x128x64,
+  4 warps (rows = the dz tile's): 186-192 / 0, ``HGMMA.64x128x16``, 27 LDGSTS.
   128x256 would give ``HGMMA.64x256x16`` for dW on sm_90 (166-194 / 0) but spills on sm_80
   (40 B with dbias) and for dH on both (192-288 B: the fp32 read-modify-write epilogue).
 
