@@ -25,8 +25,9 @@ PROBES = str(Path(__file__).with_name("compile_gate_probes.py"))
 MANIFEST_FIELDS = ("kernel", "config", "dtype", "target", "cubin", "registers", "shared_memory",
                    "spills", "HGMMA", "HMMA", "LDGSTS", "UTMALDG", "ATOMG", "REDG", "MEMBAR",
                    "gates")
-DOT_KERNELS = {"_forward_kernel", "_backward_atomic_kernel", "_backward_dh_kernel",
-               "_backward_dw_kernel"}
+DOT_KERNELS = {"_forward_kernel", "_dz_kernel", "_dw_kernel", "_dh_kernel"}
+#: Kernels of the log-prob op: since the rebuild none of them has an atomic.
+LOGPROB_KERNELS = DOT_KERNELS | {"_merge_kernel", "_label_residual_kernel"}
 
 
 def _compile_check(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -49,19 +50,20 @@ def full_check(tmp_path_factory):
 def test_every_variant_passes_the_sass_gates(full_check, arch):
     proc, entries, _ = full_check
     mine = [e for e in entries if e["target"] == f"sm_{arch}"]
-    assert DOT_KERNELS | {"_merge_kernel", "_label_term_kernel", "_preference_head_fwd",
-                          "_preference_head_bwd"} <= {e["kernel"] for e in mine}
+    assert LOGPROB_KERNELS | {"_preference_head_fwd", "_preference_head_bwd",
+                              "_chunk_forward_kernel", "_chunk_grad_kernel"} <= {e["kernel"] for e in mine}
     failed = [f"{e['kernel']} {e['config']}: {e['gates']} (spills {e['spills']}, "
               f"MEMBAR.GPU {e['MEMBAR_GPU']}, LDGSTS {e['LDGSTS']})"
               for e in mine if not e["passed"]]
     assert not failed, "gates failed:\n" + "\n".join(failed)
-    dots = [e for e in mine if e["kernel"] in DOT_KERNELS]
+    # (a dbias-only dW launch has no GEMM)
+    dots = [e for e in mine if e["kernel"] in DOT_KERNELS and ".db-" not in e["config"]]
     # The gates were applied, not skipped: what they look for is there.
     assert all(e["LDGSTS"] + e["UTMALDG"] > 0 and e["spills"] == 0 for e in dots)
     sixteen_bit = [e for e in dots if e["dtype"] in ("bf16", "fp16")]
     assert sixteen_bit and all((e["HGMMA"] if arch == 90 else e["HMMA"]) > 0 for e in sixteen_bit)
-    atomic = [e for e in mine if e["kernel"] in ("_backward_atomic_kernel", "_label_term_kernel")]
-    assert all(e["REDG"] > 0 and e["MEMBAR_GPU"] == 0 for e in atomic)
+    assert all(e["ATOMG"] + e["REDG"] == 0 for e in mine if e["kernel"] in LOGPROB_KERNELS)
+    assert all(e["MEMBAR_GPU"] == 0 for e in mine)
     if arch == 90:
         # wgmma at least 64 rows and 64 columns per warp group in every 16-bit GEMM.
         narrow = [f"{e['kernel']} {e['config']}: {s}" for e in sixteen_bit
@@ -152,20 +154,21 @@ def test_sass_parser_counts_opcodes_scopes_and_shapes():
 
 
 def test_tile_table_keeps_the_invariants_the_launchers_rely_on():
-    """One forward BLOCK_V per dtype (the tile-max buffer has a column per forward tile), a
-    multiple of the atomic backward's (pre-skip); Hopper 16-bit tiles give every wgmma >= 64
-    rows per warp group (BLOCK_N / warp groups) and the gradient GEMMs n = BLOCK_D >= 64."""
-    from apo_kernels.kernels.configs import config_choices
+    """The forward's BLOCK_V (the tile-max buffer has a column per forward tile) is a multiple
+    of the dz kernel's (pre-skip); every 16-bit / TF32 GEMM tile has >= 64 rows and n >= 64."""
+    from apo_kernels.kernels.configs import backward_variants, forward_variants
 
-    rows = config_choices()
-    for dtype in {c.dtype for c in rows}:
-        fwd = {c.config.block_v for c in rows if c.family == "forward" and c.dtype == dtype}
-        assert len(fwd) == 1, (dtype, fwd)
-        for c in rows:
-            if c.family == "backward" and c.role == "atomic" and c.dtype == dtype:
-                assert next(iter(fwd)) % c.config.block_v == 0, c
-    for c in rows:
-        if c.arch == 90 and c.dtype != torch.float32:
-            assert c.config.block_n >= 64 and c.config.block_v >= 64, c
-            if c.family == "backward":
-                assert c.config.block_d >= 64, c
+    # (forward_config itself answers with the interpreter's tiles in this process)
+    fwd_block_v = {}
+    for cfg, dtype, _precision, _heavy in forward_variants():
+        fwd_block_v.setdefault(dtype, set()).add(cfg.block_v)
+    assert all(len(widths) == 1 for widths in fwd_block_v.values()), fwd_block_v
+    for cfg, dtype, precision in backward_variants():
+        assert next(iter(fwd_block_v[dtype])) % cfg.dz.block_v == 0, (dtype, cfg)
+        if dtype != torch.float32 or precision == "tf32":
+            assert cfg.dz.block_n >= 64 and cfg.dz.block_v >= 64, cfg.dz
+            assert min(cfg.dw.block_m, cfg.dw.block_n) >= 64, cfg.dw
+            assert min(cfg.dh.block_m, cfg.dh.block_n) >= 64, cfg.dh
+    for cfg, dtype, precision, _heavy in forward_variants():
+        if dtype != torch.float32 or precision == "tf32":
+            assert cfg.block_n >= 64 and cfg.block_v >= 64, cfg

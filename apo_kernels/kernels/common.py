@@ -78,3 +78,18 @@ def transform_logits(acc, bias_row, scale, softcap, inv_temp,
         z = acc * inv_temp
         jac = scale * inv_temp
     return z, jac
+
+
+@triton.jit
+def round_to_bf16(x):
+    """``x`` (fp32) rounded to the nearest bf16 value, ties to even, still as fp32.
+
+    The GPU's ``x.to(tl.bfloat16)`` rounds this way (``cvt.rn``); Triton's interpreter truncates
+    (and its explicit round-to-nearest mode mishandles the carry into the exponent), so kernels
+    round with integer arithmetic first when they run there, and the cast that follows is exact.
+    Non-finite values are returned unchanged.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) < float("inf"), rounded, x)

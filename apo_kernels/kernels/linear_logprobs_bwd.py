@@ -1,4 +1,5 @@
-"""Backward of the fused linear log-probs: recompute each logit tile, never store one.
+"""Backward of the fused linear log-probs: vocabulary-chunked, each output tile owned by one
+program, no tile atomics.
 
 Gradient of the per-token outputs with respect to the transformed logits z (p = softmax(z),
 g = dL/dlogp_t, e = dL/dH_t, E[z] = lse - H). Everything is taken relative to the row max m
@@ -9,105 +10,91 @@ saved by the forward (see there): p = exp((z - m) - log s1), z - E[z] = (z - m) 
     =>  dz_v = g [v = y] - p_v (g + e (z_v - E[z]))
 
 then through the transform, ``dacc_v = dz_v * jac_v`` (see ``common.transform_logits``), and
-``dH = dacc @ W``, ``dW = dacc.T @ h``, ``dbias = sum_t dacc``, accumulated in fp32.
+``dH = dacc @ W``, ``dW = dacc^T @ h``, ``dbias = sum_t dacc``, accumulated in fp32.
 
-Two schedules:
-- atomic (default): one program per (token block, vocab block) tile, fp32 atomic adds into dH
-  and dW. The label term ``g [v = y]`` is left out of the tiles and added by a per-token kernel
-  as a sparse update (``dH_t += g_t jac_ty W[y_t]``, ``dW[y_t] += g_t jac_ty h_t``), so a tile only
-  carries ``-p (...)`` and is skipped (no gradient GEMMs, no atomics) when every entry is below
-  ``filter_eps`` times the token's gradient scale ``(|g| + |e|) * scale / T``.
-  Atomic fp32 adds make the result order-dependent in its last bits. Every atomic is
-  ``sem="relaxed"`` (a fire-and-forget ``REDG``): the default ``acq_rel`` fences each one
-  with ``MEMBAR.ALL.GPU``, and nothing reads the sums before the kernel ends.
-- deterministic: a dH kernel (one program per token block, looping over the vocabulary) and a
-  dW kernel (one program per vocab block, looping over tokens); each owns its output rows, so
-  no atomics, bit-identical results run to run. The logits are recomputed twice (8NDV FLOPs
-  instead of 6NDV) and the label term stays inside the tiles.
+Schedule (``triton_backward``). The kept hidden rows are compacted once into a contiguous
+``h_c [M, D]`` (labels and per-token vectors likewise), then for each vocabulary chunk
+``[v0, v0 + C)`` (C: ``configs.dz_chunk_columns``, the ``[M, C]`` dz buffer within a memory
+budget):
+
+1. ``_dz_kernel``, one program per (token block, vocabulary tile) of the chunk, grouped so a few
+   token blocks sweep the chunk together (L2 reuse of both operands): recompute the logit
+   tile (2 D FLOPs per entry), form ``dacc`` and write it to the dz buffer in the input dtype
+   (the dtype the gradient GEMMs feed the tensor cores, as before) plus a kept flag per tile.
+   A tile is not written (flag 0) when the filter finds every ``|dacc|`` at most
+   ``filter_eps * (|g| + |e|) * scale / T``; with the pre-skip it is not even recomputed when
+   the forward's per-tile max logit proves ``max p = exp(tile_max - lse) <= filter_eps``.
+2. ``_dw_kernel``: ``dW[v0:v0+C] = dz^T @ h_c``, one program per (vocabulary tile, D tile)
+   output, looping over the token blocks whose tile is kept (block-sparse, a list built from
+   the flags), fp32 accumulator written once (no read-modify-write, no atomics); dbias is the
+   column sum of the same dz tiles.
+3. ``_dh_kernel``: ``dH_c += dz @ W[v0:v0+C]``, one program per (token tile, D tile) output,
+   looping over the kept vocabulary tiles; fp32 read-modify-write of its own tile once per
+   chunk (chunks run in order on one stream).
+
+Every GEMM is a plain matmul of >= 64-row, >= 64-column tiles with contiguous operands, so it
+compiles to wgmma with cp.async-pipelined loads (see ``launch_specs`` and docs/kernels.md).
+FLOPs: 2 M D V (recompute) + 2 M D V (dW) + 2 M D V (dH), times the kept fraction.
+Extra memory traffic per chunk: the dz buffer written once and read twice, dH_c read and
+written once.
+
+The label term ``g [v = y]`` rides inside the tiles, added in fp32 before dz is rounded to
+the input dtype: at the label dz = g (1 - p), which is tiny when p -> 1. (The previous design
+left it out of the tiles and added ``+g W[y]`` / ``+g h`` in a sparse per-token kernel; with a
+16-bit dz buffer that cancels catastrophically: the tile's ``-p g`` is rounded to 2^-9 relative,
+so dH_t keeps an error of ``g 2^-9 |W[y]|`` where the true gradient g (1 - p) W[y] is ~0, on
+exactly the peaked on-policy tokens the filter is for; the interpreter, which now rounds dz
+like the GPU, showed it.) So the pre-skip keeps every tile that holds a label of its token
+block, and nothing anywhere is an atomic: the backward is deterministic (bit-identical run to
+run) in every mode; ``deterministic=True`` costs nothing extra (the old deterministic mode
+recomputed the logits twice, 8 N D V).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops import skip_stats
-from .common import accurate_tanh, dot_dtype, input_precision
-from .configs import TileConfig, backward_config, config_choices, forward_config
-from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .common import dot_dtype, input_precision, interpreter_active, round_to_bf16
+from .configs import backward_config, backward_variants, dz_chunk_columns, dz_dtype, forward_config
 from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
+from .fast_path import KernelBuffer, aligned, gemm_operands
+from .operands import compact_rows
 
-_LABEL_BLOCK_D = 256  # the label kernel streams one hidden row and one weight row
+_RESIDUAL_BLOCK_D = 512  # the residual kernel streams single rows of h and W
+_GEMM_GROUP = 8  # output-tile rows per L2 group in the gradient GEMMs' launch order
+_USE_TMA = False  # experimental: tensor-descriptor operand loads in _dh_kernel (see docs/kernels.md)
 
 
 @triton.jit
-def _logit_grad_tile(
-    h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-    rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
+def _dz_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, tmax_ptr,
+    dz_ptr, flag_ptr, res_ptr,
+    M, V, D, v_start, chunk_tiles, stride_hn, stride_wv, stride_dz, tmax_stride,
     scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    LABEL_IN_TILE: tl.constexpr, FILTER: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """Returns ``(dacc, keep)``: the fp32 gradient of the raw logit tile (zero outside the
-    valid rows/columns) and whether any entry is large enough to be worth the GEMMs."""
-    z, jac = transformed_logit_tile(
-        h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
-        stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-    row_max = tl.load(max_ptr + rows, mask=n_valid, other=0.0)
-    log_norm = tl.load(lognorm_ptr + rows, mask=n_valid, other=0.0)
-    g = tl.load(g_ptr + rows, mask=n_valid, other=0.0)
-    z_rel = z - row_max[:, None]
-    p = tl.exp(z_rel - log_norm[:, None])
-    if WITH_ENTROPY:
-        ez_rel = tl.load(ez_ptr + rows, mask=n_valid, other=0.0)  # E[z] - m
-        ge = tl.load(ge_ptr + rows, mask=n_valid, other=0.0)
-        dz = -p * (g[:, None] + ge[:, None] * (z_rel - ez_rel[:, None]))
-        grad_scale = tl.abs(g) + tl.abs(ge)
-    else:
-        dz = -p * g[:, None]
-        grad_scale = tl.abs(g)
-    if LABEL_IN_TILE:
-        y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
-        is_label = v.to(tl.int64)[None, :] == y[:, None]
-        dz += tl.where(is_label, g[:, None], 0.0)
-    dacc = tl.where(n_valid[:, None] & v_valid[None, :], dz * jac, 0.0)
-    keep = True
-    if FILTER:
-        threshold = filter_eps * grad_scale * (scale * inv_temp)
-        # `<=` so that NaN counts as large: a NaN gradient is never filtered away.
-        small = tl.abs(dacc) <= threshold[:, None]
-        if LABEL_IN_TILE:
-            # The label's one-hot term is exact: a tile holding a label is never skipped, only
-            # the softmax part may be (as in the atomic mode, where it is outside the tiles).
-            small = small & (is_label == 0)
-        keep = tl.max(tl.where(small, 0, 1)) > 0
-    return dacc, keep
-
-
-@triton.jit
-def _backward_atomic_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-    dh_ptr, dw_ptr, db_ptr, tmax_ptr, skips_ptr,
-    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    scale, softcap, inv_temp, filter_eps, tmax_stride,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, PRESKIP: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
-    COUNT_SKIPS: tl.constexpr,
+    FILTER: tl.constexpr, PRESKIP: tl.constexpr, FWD_BLOCK_V: tl.constexpr,
+    LABEL_RESIDUAL: tl.constexpr, BF16_RNE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_N token blocks sweep the vocabulary together, so each W tile
-    # is read from HBM once per group and the group's hidden rows stay in L2.
+    """One ``[BLOCK_N, BLOCK_V]`` tile of ``dacc`` for chunk columns ``[v_start, ...)``.
+
+    When kept, writes ``dz[n, c] = dacc`` (all BLOCK_V columns, zeros past V). ``flag[pid_n,
+    pid_v]``: 0 skipped before the recompute (left as initialised), 1 kept, 2 recomputed and
+    dropped by the filter. All per-token vectors are compacted ``[M]``. No atomics.
+    """
+    # Grouped launch order: GROUP_N token blocks sweep the chunk's vocabulary tiles together,
+    # so each W tile is read from HBM once per group and the group's h rows stay in L2.
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(M, BLOCK_N)
-    num_v_blocks = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_v_blocks
+    per_group = GROUP_N * chunk_tiles
     first_n = (pid // per_group) * GROUP_N
     group_size = tl.minimum(num_n_blocks - first_n, GROUP_N)
     pid_n = first_n + (pid % per_group) % group_size
@@ -115,242 +102,252 @@ def _backward_atomic_kernel(
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < M
-    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
-    v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    n64 = n.to(tl.int64)
+    tile_v0 = v_start + pid_v * BLOCK_V
+    col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v = v_start + col
     v_valid = v < V
+    row_max = tl.load(max_ptr + n, mask=n_valid, other=0.0)
+    log_norm = tl.load(lognorm_ptr + n, mask=n_valid, other=0.0)
+    flag_ptr = flag_ptr + pid_n * chunk_tiles + pid_v
     worth_recomputing = True
     if PRESKIP:
         # Skip before the recompute: the forward recorded each token's max logit in each of
         # its (FWD_BLOCK_V-wide, a multiple of BLOCK_V) tiles, so p_v <= exp(tile_max - lse)
         # for every v here. Without an entropy gradient |dacc| = p |g| jac <= p |g| scale/T,
         # so p_bound <= filter_eps means the filter below would drop this tile anyway: the
-        # result is identical, the 2 N D V recompute FLOPs of the tile are saved.
-        tmax = tl.load(tmax_ptr + rows * tmax_stride + (pid_v * BLOCK_V) // FWD_BLOCK_V,
+        # result is identical, the 2 BLOCK_N BLOCK_V D recompute FLOPs are saved.
+        tmax = tl.load(tmax_ptr + n64 * tmax_stride + tile_v0 // FWD_BLOCK_V,
                        mask=n_valid, other=float("-inf"))
-        row_max = tl.load(max_ptr + rows, mask=n_valid, other=0.0)
-        log_norm = tl.load(lognorm_ptr + rows, mask=n_valid, other=0.0)
         p_bound = tl.exp((tmax - row_max) - log_norm)
         # `<=` so that NaN counts as large, as in the filter.
-        worth_recomputing = tl.max(tl.where(p_bound <= filter_eps, 0, 1)) > 0
-        if COUNT_SKIPS:
-            if not worth_recomputing:
-                tl.atomic_add(skips_ptr, 1, sem="relaxed")
+        row_large = tl.where(p_bound <= filter_eps, 0, 1)
+        # A label in the tile carries g (1 - p): never provably small.
+        y = tl.load(labels_ptr + n, mask=n_valid, other=-1)
+        row_large = tl.where((y >= tile_v0) & (y < tile_v0 + BLOCK_V), 1, row_large)
+        worth_recomputing = tl.max(row_large) > 0
     if worth_recomputing:
-        dacc, keep = _logit_grad_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
-            scale, softcap, inv_temp, filter_eps,
-            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, False, FILTER,
-            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        if COUNT_SKIPS:
-            if not keep:
-                tl.atomic_add(skips_ptr + 1, 1, sem="relaxed")
+        z, jac = transformed_logit_tile(
+            h_ptr, w_ptr, b_ptr, n, n_valid, v, v_valid, D, stride_hn, stride_wv,
+            scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D,
+            DOT_DTYPE, INPUT_PRECISION)
+        g = tl.load(g_ptr + n, mask=n_valid, other=0.0)
+        z_rel = z - row_max[:, None]
+        p = tl.exp(z_rel - log_norm[:, None])
+        if WITH_ENTROPY:
+            ez_rel = tl.load(ez_ptr + n, mask=n_valid, other=0.0)  # E[z] - m
+            ge = tl.load(ge_ptr + n, mask=n_valid, other=0.0)
+            dz = -p * (g[:, None] + ge[:, None] * (z_rel - ez_rel[:, None]))
+            grad_scale = tl.abs(g) + tl.abs(ge)
+        else:
+            dz = -p * g[:, None]
+            grad_scale = tl.abs(g)
+        # The label term in fp32 before rounding dz: g (1 - p) at the label, no cancellation.
+        y = tl.load(labels_ptr + n, mask=n_valid, other=-1)
+        dz += tl.where(v[None, :] == y[:, None], g[:, None], 0.0)
+        dacc = tl.where(n_valid[:, None] & v_valid[None, :], dz * jac, 0.0)
+        if FILTER:
+            threshold = filter_eps * grad_scale * (scale * inv_temp)
+            # `<=` so that NaN counts as large: a NaN gradient is never filtered away.
+            large = tl.where(tl.abs(dacc) <= threshold[:, None], 0, 1)
+            # The label entry carries the exact one-hot term g (1 - p): whatever filter_eps,
+            # a tile holding a label is never dropped (a per-row test: no extra tile registers).
+            holds_label = n_valid & (y >= tile_v0) & (y < tile_v0 + BLOCK_V)
+            large = tl.maximum(large, tl.where(holds_label, 1, 0)[:, None])
+        else:
+            large = tl.where(n_valid[:, None], 1, 0)  # pid_n < cdiv(M, BLOCK_N): some row is valid
+        keep = tl.max(tl.max(large, 1), 0) > 0
+        # Flags start at 0 (= skipped before the recompute): 1 kept, 2 dropped by the filter.
+        tl.store(flag_ptr, tl.where(keep, 1, 2).to(tl.int8))
         if keep:
-            if COMPUTE_DB:
-                tl.atomic_add(db_ptr + v, tl.sum(dacc, 0), mask=v_valid, sem="relaxed")
-            dacc_op = dacc.to(DOT_DTYPE)
-            v64 = v.to(tl.int64)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_valid = d < D
-                if COMPUTE_DH:
-                    w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
-                                mask=v_valid[:, None] & d_valid[None, :], other=0.0)
-                    dh = tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-                    tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
-                                  mask=n_valid[:, None] & d_valid[None, :], sem="relaxed")
-                if COMPUTE_DW:
-                    h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
-                                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-                    dw = tl.dot(tl.trans(dacc_op), h.to(DOT_DTYPE),
-                                input_precision=INPUT_PRECISION)
-                    tl.atomic_add(dw_ptr + v64[:, None] * D + d[None, :], dw,
-                                  mask=v_valid[:, None] & d_valid[None, :], sem="relaxed")
+            if BF16_RNE:  # the interpreter's own cast truncates
+                rounded = round_to_bf16(dacc).to(dz_ptr.dtype.element_ty)
+            else:
+                rounded = dacc.to(dz_ptr.dtype.element_ty)
+            tl.store(dz_ptr + n64[:, None] * stride_dz + col[None, :], rounded, mask=n_valid[:, None])
+            if LABEL_RESIDUAL:
+                # What rounding dz to 16 bits lost at the label entry (the one large entry of
+                # a row): added back exactly by _label_residual_kernel.
+                at_label = v[None, :] == y[:, None]
+                res = tl.sum(tl.where(at_label, dacc - rounded.to(tl.float32), 0.0), 1)
+                in_tile = (y >= tile_v0) & (y < tile_v0 + BLOCK_V)
+                tl.store(res_ptr + n, res, mask=n_valid & in_tile)
 
 
 @triton.jit
-def _backward_dh_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, dh_ptr,
-    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    scale, softcap, inv_temp, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    FILTER: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile ``(pid_m, pid_n)`` of program ``pid`` in GEMM-swizzled order: GROUP_M rows of
+    tiles sweep the columns together, so both operands' K slices are shared through L2."""
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dw_kernel(
+    h_ptr, dz_ptr, list_ptr, count_ptr, dw_ptr, db_ptr,
+    M, V, D, v_start, chunk_tiles, stride_hn, stride_dz, stride_list,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DZ_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Deterministic dH: this program owns its token rows and sweeps the whole vocabulary."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = n < M
-    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        v_valid = v < V
-        dacc, keep = _logit_grad_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
-            scale, softcap, inv_temp, filter_eps,
-            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
-            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        if keep:
-            dacc_op = dacc.to(DOT_DTYPE)
-            v64 = v.to(tl.int64)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_valid = d < D
-                w = tl.load(w_ptr + v64[:, None] * stride_wv + d[None, :] * stride_wd,
-                            mask=v_valid[:, None] & d_valid[None, :], other=0.0)
-                ptrs = dh_ptr + rows[:, None] * D + d[None, :]
-                mask = n_valid[:, None] & d_valid[None, :]
-                cur = tl.load(ptrs, mask=mask, other=0.0)
-                tl.store(ptrs, cur + tl.dot(dacc_op, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION),
-                         mask=mask)
+    """``dW[v_start + c, d] = sum_t dz[t, c] h_c[t, d]`` (and ``db[v_start + c] = sum_t dz[t, c]``).
 
-
-@triton.jit
-def _backward_dw_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr, dw_ptr, db_ptr,
-    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    scale, softcap, inv_temp, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    FILTER: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """Deterministic dW and dbias: this program owns its vocab rows and sweeps all tokens."""
-    v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_valid = v < V
-    v64 = v.to(tl.int64)
-    db = tl.zeros((BLOCK_V,), tl.float32)
-    for n0 in range(0, M, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = n < M
-        rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
-        dacc, keep = _logit_grad_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, lognorm_ptr, ez_ptr, g_ptr, ge_ptr,
-            rows, n_valid, v, v_valid, D, stride_hn, stride_hd, stride_wv, stride_wd,
-            scale, softcap, inv_temp, filter_eps,
-            HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, True, FILTER,
-            BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        if keep:
-            if COMPUTE_DB:
-                db += tl.sum(dacc, 0)
-            if COMPUTE_DW:
-                dacc_op = tl.trans(dacc.to(DOT_DTYPE))
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + tl.arange(0, BLOCK_D)
-                    d_valid = d < D
-                    h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
-                                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-                    ptrs = dw_ptr + v64[:, None] * D + d[None, :]
-                    mask = v_valid[:, None] & d_valid[None, :]
-                    cur = tl.load(ptrs, mask=mask, other=0.0)
-                    tl.store(ptrs, cur + tl.dot(dacc_op, h.to(DOT_DTYPE), input_precision=INPUT_PRECISION),
-                             mask=mask)
-    if COMPUTE_DB:
-        tl.store(db_ptr + v, db, mask=v_valid)
-
-
-@triton.jit
-def _label_term_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    D, stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The sparse label term the atomic kernel leaves out, one program per kept token t:
-    ``c = g_t * jac(z_{t,y})``, ``dH_t += c W[y]``, ``dW[y] += c h_t``, ``db[y] += c``.
-
-    Runs after the tile kernel on the same stream, so its plain read-modify-write of the
-    token's own dH row cannot race; dW rows are shared by tokens with the same label (atomic).
+    Program = output tile (BLOCK_M vocabulary rows = one dz tile column, BLOCK_N of D). The K
+    loop runs over the ``count`` kept token blocks of its column (``list``: their indices),
+    each DZ_BLOCK_N tokens in BLOCK_K steps. The tile is written once: chunks are disjoint.
     """
-    t = tl.program_id(0)
-    row = tl.load(rows_ptr + t).to(tl.int64)
-    y = tl.load(labels_ptr + row).to(tl.int64)
-    coef = tl.load(g_ptr + row) * (scale * inv_temp)
-    if HAS_SOFTCAP:
-        raw = 0.0
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            h = tl.load(h_ptr + row * stride_hn + d * stride_hd, mask=d < D, other=0.0)
-            w = tl.load(w_ptr + y * stride_wv + d * stride_wd, mask=d < D, other=0.0)
-            raw += tl.sum(h.to(tl.float32) * w.to(tl.float32), 0)
-        if HAS_BIAS:
-            raw += tl.load(b_ptr + y).to(tl.float32)
-        th = accurate_tanh(raw * scale / softcap)
-        coef = coef * (1.0 - th * th)
+    num_d = 1
+    if COMPUTE_DW:
+        num_d = tl.cdiv(D, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), chunk_tiles, num_d, GROUP_M)
+    col = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_valid = d < D
+    count = tl.load(count_ptr + pid_m)
+    blocks = list_ptr + pid_m * stride_list
+    SUB: tl.constexpr = DZ_BLOCK_N // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    db = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(0, count * SUB):
+        blk = tl.load(blocks + i // SUB)
+        t = blk * DZ_BLOCK_N + (i % SUB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        t_valid = t < M
+        t64 = t.to(tl.int64)
+        a = tl.load(dz_ptr + t64[:, None] * stride_dz + col[None, :], mask=t_valid[:, None], other=0.0)
+        if COMPUTE_DW:
+            b = tl.load(h_ptr + t64[:, None] * stride_hn + d[None, :],
+                        mask=t_valid[:, None] & d_valid[None, :], other=0.0)
+            acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            db += tl.sum(a.to(tl.float32), 0)
+    v = v_start + col
+    v_valid = v < V
+    if COMPUTE_DW:
+        tl.store(dw_ptr + v.to(tl.int64)[:, None] * D + d[None, :], acc,
+                 mask=v_valid[:, None] & d_valid[None, :])
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + y, coef, sem="relaxed")
+        if pid_n == 0:
+            tl.store(db_ptr + v, db, mask=v_valid)
+
+
+@triton.jit
+def _dh_kernel(
+    w_ptr, dz_ptr, list_ptr, count_ptr, dh_ptr,
+    M, V, D, v_start, chunk_cols, stride_wv, stride_dz, stride_list,
+    DZ_BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """``dH_c[t, d] += sum_c dz[t, c] W[v_start + c, d]`` over this chunk's kept tiles.
+
+    Program = output tile (BLOCK_M tokens = one dz tile row, BLOCK_N of D). The K loop runs
+    over the ``count`` kept vocabulary tiles of its row, each DZ_BLOCK_V columns in BLOCK_K
+    steps; the fp32 tile is added to dH_c once (skipped when nothing was kept).
+    ``USE_TMA``: operand tiles through tensor descriptors (TMA on sm_90; out-of-range rows of
+    dz and W read as zeros by the hardware) instead of masked pointer loads (cp.async).
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_valid = n < M
+    n64 = n.to(tl.int64)
+    d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_valid = d < D
+    count = tl.load(count_ptr + pid_m)
+    blocks = list_ptr + pid_m * stride_list
+    SUB: tl.constexpr = DZ_BLOCK_V // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if USE_TMA:
+        dz_desc = tl.make_tensor_descriptor(dz_ptr, shape=[M, chunk_cols], strides=[stride_dz, 1],
+                                            block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_wv, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    for i in range(0, count * SUB):
+        blk = tl.load(blocks + i // SUB)
+        c0 = blk * DZ_BLOCK_V + (i % SUB) * BLOCK_K
+        if USE_TMA:
+            a = dz_desc.load([pid_m * BLOCK_M, c0])
+            b = w_desc.load([v_start + c0, pid_n * BLOCK_N])
+        else:
+            col = c0 + tl.arange(0, BLOCK_K)
+            v = v_start + col
+            a = tl.load(dz_ptr + n64[:, None] * stride_dz + col[None, :], mask=n_valid[:, None], other=0.0)
+            b = tl.load(w_ptr + v.to(tl.int64)[:, None] * stride_wv + d[None, :],
+                        mask=(v < V)[:, None] & d_valid[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if count > 0:
+        ptrs = dh_ptr + n64[:, None] * D + d[None, :]
+        mask = n_valid[:, None] & d_valid[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _label_residual_kernel(
+    h_ptr, w_ptr, order_ptr, end_ptr, labels_ptr, res_ptr, dh_ptr, dw_ptr, db_ptr,
+    D, stride_hn, stride_wv,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Adds back the label entries' 16-bit rounding residual ``r_t`` (``_dz_kernel``), exactly:
+    ``dH_t += r_t W[y_t]``, ``dW[y] += sum_{t: y_t = y} r_t h_t``, ``db[y] += sum_t r_t``.
+
+    Program i takes the i-th token in label order (``order``: a stable sort of the labels).
+    It owns its token's dH row; the first token of each run of equal labels owns ``dW[y]``
+    and sums the run (``end``: one past the run's last position, or i for the others) in a
+    fixed order: no atomics, deterministic.
+    """
+    i = tl.program_id(0)
+    t = tl.load(order_ptr + i).to(tl.int64)
+    y = tl.load(labels_ptr + t).to(tl.int64)
+    r = tl.load(res_ptr + t)
+    end = tl.load(end_ptr + i)
+    if COMPUTE_DB:
+        if end > i:
+            total = 0.0
+            for j in range(i, end):
+                total += tl.load(res_ptr + tl.load(order_ptr + j))
+            tl.store(db_ptr + y, tl.load(db_ptr + y) + total)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_valid = d < D
         if COMPUTE_DH:
-            w = tl.load(w_ptr + y * stride_wv + d * stride_wd, mask=d_valid, other=0.0)
-            ptrs = dh_ptr + row * D + d
-            tl.store(ptrs, tl.load(ptrs, mask=d_valid, other=0.0) + coef * w.to(tl.float32),
-                     mask=d_valid)
+            w = tl.load(w_ptr + y * stride_wv + d, mask=d_valid, other=0.0).to(tl.float32)
+            ptrs = dh_ptr + t * D + d
+            tl.store(ptrs, tl.load(ptrs, mask=d_valid, other=0.0) + r * w, mask=d_valid)
         if COMPUTE_DW:
-            h = tl.load(h_ptr + row * stride_hn + d * stride_hd, mask=d_valid, other=0.0)
-            tl.atomic_add(dw_ptr + y * D + d, coef * h.to(tl.float32), mask=d_valid, sem="relaxed")
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            for j in range(i, end):
+                tj = tl.load(order_ptr + j).to(tl.int64)
+                h = tl.load(h_ptr + tj * stride_hn + d, mask=d_valid, other=0.0).to(tl.float32)
+                acc += tl.load(res_ptr + tj) * h
+            if end > i:
+                ptrs = dw_ptr + y * D + d
+                tl.store(ptrs, tl.load(ptrs, mask=d_valid, other=0.0) + acc, mask=d_valid)
 
 
-_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+def _label_runs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens in stable label order, and for each position the end of its run of equal labels
+    if it starts the run (else its own position). Deterministic, no host sync."""
+    sorted_labels, order = torch.sort(labels, stable=True)
+    end = torch.searchsorted(sorted_labels, sorted_labels, right=True)
+    first = torch.ones_like(sorted_labels, dtype=torch.bool)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    positions = torch.arange(labels.numel(), device=labels.device)
+    return order, torch.where(first, end, positions)
 
 
-def launch_specs() -> list[LaunchSpec]:
-    """Every variant ``triton_backward`` can launch on a GPU (see ``compile_check``).
-
-    Per table row (``configs``: kernel, dtype, architecture), each kernel with every optional
-    feature on (``all``: entropy gradient, filter, bias, softcap, dbias), off (``none``: exact,
-    no bias) and, for the atomic kernel, the pre-skip path (``preskip``: filtered, no entropy
-    gradient). fp16 builds only ``all`` (it differs from bf16 in the MMA type alone); fp32
-    adds ``all`` with TF32 dots. Without a bias the launcher passes an fp32 placeholder for
-    it; an unused tile-max buffer comes with stride 0 (divisible by 16, so marked).
-    """
-    rows: dict[tuple, list[int]] = {}
-    for c in config_choices():
-        if c.family == "backward":
-            rows.setdefault((c.role, c.config, c.dtype, c.precision), []).append(c.arch)
-    kernels = {"atomic": _backward_atomic_kernel, "dh": _backward_dh_kernel,
-               "dw": _backward_dw_kernel}
-    specs = []
-    for (role, cfg, dtype, precision), archs in rows.items():
-        variants = ["all", "none"] if dtype != torch.float16 else ["all"]
-        if role == "atomic" and dtype != torch.float16:
-            variants.append("preskip")
-        if precision == "tf32":
-            variants = ["all-tf32"]
-        for variant in variants:
-            on = variant.startswith("all")
-            constexprs = dict(
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                DOT_DTYPE=_DOT_DTYPES[dtype],
-                INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
-                stride_hd=1, stride_wd=1, HAS_BIAS=variant != "none",
-                HAS_SOFTCAP=variant != "none", WITH_ENTROPY=on, FILTER=variant != "none")
-            divisible = FAST_PATH_DIVISIBLE
-            if role == "atomic":
-                preskip = variant == "preskip"
-                constexprs.update(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=variant != "none",
-                                  PRESKIP=preskip, FWD_BLOCK_V=forward_config(dtype).block_v,
-                                  COUNT_SKIPS=False, GROUP_N=cfg.group_n)
-                divisible += () if preskip else ("tmax_stride",)
-            elif role == "dw":
-                constexprs.update(COMPUTE_DW=True, COMPUTE_DB=variant != "none")
-            specs.append(LaunchSpec(
-                kernel=kernels[role], config=cfg.label, dtype=dtype, variant=variant,
-                constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                types={} if variant != "none" else {"b_ptr": "*fp32"}, divisible=divisible,
-                expects_dot=True, expects_pipelined=True, archs=tuple(sorted(archs))))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for variant in ("all", "none"):
-            on = variant == "all"
-            specs.append(LaunchSpec(
-                kernel=_label_term_kernel, config=f"{_LABEL_BLOCK_D}w4s3", dtype=dtype,
-                variant=variant, num_warps=4, num_stages=3,
-                constexprs=dict(HAS_BIAS=on, HAS_SOFTCAP=on, COMPUTE_DH=True, COMPUTE_DW=True,
-                                COMPUTE_DB=on, BLOCK_D=_LABEL_BLOCK_D, stride_hd=1, stride_wd=1),
-                types={} if on else {"b_ptr": "*fp32"}, divisible=FAST_PATH_DIVISIBLE))
-    return specs
+def _block_lists(flags: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From kept flags ``[token blocks, vocab tiles]``: for each index along the other dim, the
+    kept indices along ``dim`` first in ascending order (stable sort: a fixed K order, so the
+    GEMMs are deterministic), as int32 rows, and how many there are. No host sync."""
+    skipped = (flags != 1).to(torch.uint8)
+    order = torch.argsort(skipped, dim=dim, stable=True).to(torch.int32)
+    counts = (flags == 1).sum(dim, dtype=torch.int32)
+    return (order.T if dim == 0 else order).contiguous(), counts
 
 
 def triton_backward(
@@ -375,25 +372,25 @@ def triton_backward(
     grad_bias: torch.Tensor | None,
     tile_max: torch.Tensor | None = None,
 ) -> None:
-    """Accumulate the tile (non-label) part of the gradients into fp32 buffers.
+    """Accumulate the gradients into fp32 buffers.
 
     Args:
         hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` | None, labels ``[N]``, rows ``[M]``:
-            as in the forward (any strides, alignment and D: see ``fast_path``).
+            as in the forward.
         row_max, log_norm, grad_logp: fp32 ``[N]`` (m, log s1 of the forward, dL/dlogp), read
             at ``rows``.
         expected_logit, grad_entropy: fp32 ``[N]`` E_p[z] - m and dL/dH, or None without entropy.
         grad_hidden ``[N, D]``, grad_weight ``[V, D]``, grad_bias ``[V]``: zero-initialised
             contiguous fp32 buffers, or None when that gradient is not needed.
-        tile_max: the forward's per-tile max logits (``triton_forward(tile_max=...)``) or None;
-            used to skip tiles before their recompute in the filtered atomic mode without an
-            entropy gradient (the result is the same as without it).
-
-    Atomic mode applies the label term with a sparse per-token kernel after the tiles;
-    deterministic mode keeps it inside the tiles.
+        tile_max: the forward's per-tile max logits (``triton_forward(tile_max=...)``, rows in
+            compacted order) or None; with a filter and no entropy gradient, tiles it proves
+            negligible are skipped before their recompute (the result is the same without it).
+        deterministic: accepted for the API; this backward has no atomics and is bit-identical
+            run to run whatever it says.
     """
     # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path):
-    # operands are copied or zero-padded, and gradients written through padded buffers.
+    # operands are copied or zero-padded (logged at debug level), gradients written through
+    # padded buffers, so every launch runs the variant the compile check proved.
     hidden, weight, d_padded = gemm_operands(hidden, weight)
     vectors = [None if t is None else aligned(t, name) for name, t in (
         ("bias", bias), ("labels", labels), ("rows", rows), ("row_max", row_max),
@@ -405,8 +402,8 @@ def triton_backward(
     _launch_backward(
         hidden, weight, bias, labels, rows, row_max, log_norm, grad_logp, expected_logit,
         grad_entropy, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
-        filter_eps=filter_eps, deterministic=deterministic, grad_hidden=grads[0].tensor,
-        grad_weight=grads[1].tensor, grad_bias=grads[2].tensor, tile_max=tile_max)
+        filter_eps=filter_eps, grad_hidden=grads[0].tensor, grad_weight=grads[1].tensor,
+        grad_bias=grads[2].tensor, tile_max=tile_max)
     for buffer in grads:
         buffer.finish()
 
@@ -427,80 +424,171 @@ def _launch_backward(
     softcap: float | None,
     temperature: float,
     filter_eps: float | None,
-    deterministic: bool,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     tile_max: torch.Tensor | None = None,
 ) -> None:
-    """``triton_backward`` on inputs that already meet the fast path's assumptions."""
+    """``triton_backward`` on operands that meet the fast path (see there)."""
     num_rows = rows.numel()
     V, D = weight.shape
+    cfg = backward_config(hidden.dtype)
     with_entropy = grad_entropy is not None
-    dummy = row_max
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
-        FILTER=filter_eps is not None,
-        DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
-    )
-
-    def tiles(kernel: str) -> tuple[dict, TileConfig]:
-        cfg = backward_config(hidden.dtype, kernel=kernel, device=hidden.device)
-        return dict(flags, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg
-
-    inputs = (
-        hidden, weight, bias if bias is not None else dummy, rows, labels, row_max, log_norm,
-        expected_logit if with_entropy else dummy, grad_logp,
-        grad_entropy if with_entropy else dummy,
-    )
-    sizes = (num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-             float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-             float(filter_eps or 0.0))
-    if not deterministic:
-        common, cfg = tiles("atomic")
-        n_blocks, v_blocks = triton.cdiv(num_rows, cfg.block_n), triton.cdiv(V, cfg.block_v)
-        fwd_block_v = forward_config(hidden.dtype).block_v
-        preskip = (tile_max is not None and filter_eps is not None and not with_entropy
-                   and fwd_block_v % cfg.block_v == 0)
-        count = skip_stats.counting()
-        skips = torch.zeros(2, device=hidden.device, dtype=torch.int32) if count else dummy
-        _backward_atomic_kernel[(n_blocks * v_blocks,)](
-            *inputs,
-            grad_hidden if grad_hidden is not None else dummy,
-            grad_weight if grad_weight is not None else dummy,
-            grad_bias if grad_bias is not None else dummy,
-            tile_max if preskip else dummy, skips,
-            *sizes, tile_max.stride(0) if preskip else 0,
-            COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
-            COMPUTE_DB=grad_bias is not None, PRESKIP=preskip, FWD_BLOCK_V=fwd_block_v,
-            COUNT_SKIPS=count, GROUP_N=cfg.group_n, **common,
-        )
-        if count:
-            before, after = skips.tolist()
-            skip_stats.record(n_blocks * v_blocks, before, after)
-        _label_term_kernel[(num_rows,)](
-            hidden, weight, bias if bias is not None else dummy, rows, labels, grad_logp,
-            grad_hidden if grad_hidden is not None else dummy,
-            grad_weight if grad_weight is not None else dummy,
-            grad_bias if grad_bias is not None else dummy,
-            D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
-            COMPUTE_DB=grad_bias is not None, BLOCK_D=_LABEL_BLOCK_D, num_warps=4,
-        )
-        return
+    h_c = compact_rows(hidden, rows)
+    labels_c, row_max_c, log_norm_c, g_c = (compact_rows(t, rows) for t in (labels, row_max, log_norm, grad_logp))
+    ez_c = compact_rows(expected_logit, rows) if with_entropy else row_max_c
+    ge_c = compact_rows(grad_entropy, rows) if with_entropy else row_max_c
     if grad_hidden is not None:
-        common, cfg = tiles("dh")
-        _backward_dh_kernel[(triton.cdiv(num_rows, cfg.block_n),)](*inputs, grad_hidden, *sizes,
-                                                                    **common)
-    if grad_weight is not None or grad_bias is not None:
-        common, cfg = tiles("dw")
-        _backward_dw_kernel[(triton.cdiv(V, cfg.block_v),)](
-            *inputs,
+        dh_c = grad_hidden if h_c is hidden else torch.zeros((num_rows, D), device=hidden.device,
+                                                            dtype=torch.float32)
+    fwd_block_v = forward_config(hidden.dtype).block_v
+    preskip = (tile_max is not None and filter_eps is not None and not with_entropy
+               and fwd_block_v % cfg.dz.block_v == 0)
+    count = skip_stats.counting()
+    skips = torch.zeros(2, device=hidden.device, dtype=torch.int64) if count else None
+    # 16-bit dz: the label entries' rounding residual, added back after the chunks.
+    buffer_dtype = dz_dtype(hidden.dtype)
+    residual = buffer_dtype != torch.float32
+    res = torch.zeros(num_rows if residual else 1, device=hidden.device, dtype=torch.float32)
+    dummy = row_max_c
+    align = math.lcm(cfg.dz.block_v, fwd_block_v)
+    chunk = dz_chunk_columns(num_rows, V, torch.finfo(buffer_dtype).bits // 8, align)
+    dz = torch.empty((num_rows, chunk), device=hidden.device, dtype=buffer_dtype)
+    use_tma = _USE_TMA
+    n_blocks = triton.cdiv(num_rows, cfg.dz.block_n)
+    dot = dict(DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype))
+    total_tiles = 0
+    for v_start in range(0, V, chunk):
+        chunk_tiles = triton.cdiv(min(chunk, V - v_start), cfg.dz.block_v)
+        flags = torch.zeros((n_blocks, chunk_tiles), device=hidden.device, dtype=torch.int8)
+        total_tiles += n_blocks * chunk_tiles
+        _dz_kernel[(n_blocks * chunk_tiles,)](
+            h_c, weight, bias if bias is not None else dummy, labels_c, row_max_c, log_norm_c,
+            ez_c, g_c, ge_c, tile_max if preskip else dummy, dz, flags, res,
+            num_rows, V, D, v_start, chunk_tiles, h_c.stride(0), weight.stride(0), dz.stride(0),
+            tile_max.stride(0) if preskip else 0,
+            float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature), float(filter_eps or 0.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
+            FILTER=filter_eps is not None, PRESKIP=preskip,
+            FWD_BLOCK_V=fwd_block_v, LABEL_RESIDUAL=residual,
+            BF16_RNE=interpreter_active() and buffer_dtype == torch.bfloat16,
+            BLOCK_N=cfg.dz.block_n, BLOCK_V=cfg.dz.block_v, BLOCK_D=cfg.dz.block_d,
+            GROUP_N=cfg.dz.group_n, num_warps=cfg.dz.num_warps, num_stages=cfg.dz.num_stages, **dot)
+        if count:
+            skips += torch.stack([(flags == 0).sum(), (flags == 2).sum()])
+        if grad_weight is not None or grad_bias is not None:
+            dw_list, dw_count = _block_lists(flags, 0)
+            num_d = triton.cdiv(D, cfg.dw.block_n) if grad_weight is not None else 1
+            _dw_kernel[(chunk_tiles * num_d,)](
+                h_c, dz, dw_list, dw_count,
+                grad_weight if grad_weight is not None else dummy,
+                grad_bias if grad_bias is not None else dummy,
+                num_rows, V, D, v_start, chunk_tiles, h_c.stride(0), dz.stride(0), dw_list.stride(0),
+                COMPUTE_DW=grad_weight is not None, COMPUTE_DB=grad_bias is not None,
+                DZ_BLOCK_N=cfg.dz.block_n, BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n,
+                BLOCK_K=cfg.dw.block_k, GROUP_M=_GEMM_GROUP,
+                num_warps=cfg.dw.num_warps, num_stages=cfg.dw.num_stages, **dot)
+        if grad_hidden is not None:
+            dh_list, dh_count = _block_lists(flags, 1)
+            _dh_kernel[(n_blocks * triton.cdiv(D, cfg.dh.block_n),)](
+                weight, dz, dh_list, dh_count, dh_c,
+                num_rows, V, D, v_start, chunk, weight.stride(0), dz.stride(0), dh_list.stride(0),
+                DZ_BLOCK_V=cfg.dz.block_v, BLOCK_M=cfg.dh.block_m, BLOCK_N=cfg.dh.block_n,
+                BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP, USE_TMA=use_tma,
+                num_warps=cfg.dh.num_warps, num_stages=cfg.dh.num_stages, **dot)
+    if count:
+        before, after = skips.tolist()
+        skip_stats.record(total_tiles, before, after)
+    if residual:
+        order, end = _label_runs(labels_c)
+        _label_residual_kernel[(num_rows,)](
+            h_c, weight, order, end, labels_c, res,
+            dh_c if grad_hidden is not None else dummy,
             grad_weight if grad_weight is not None else dummy,
             grad_bias if grad_bias is not None else dummy,
-            *sizes,
-            COMPUTE_DW=grad_weight is not None, COMPUTE_DB=grad_bias is not None, **common,
-        )
+            D, h_c.stride(0), weight.stride(0),
+            COMPUTE_DH=grad_hidden is not None, COMPUTE_DW=grad_weight is not None,
+            COMPUTE_DB=grad_bias is not None, BLOCK_D=_RESIDUAL_BLOCK_D, num_warps=4)
+    if grad_hidden is not None and dh_c is not grad_hidden:
+        grad_hidden.index_copy_(0, rows, dh_c)
+
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_DZ_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def launch_specs(exhaustive: bool = False) -> list[LaunchSpec]:
+    """Every backward variant the launcher can pick on a GPU.
+
+    dz kernel: per (config, dtype, precision), by default its flags at the corners (all on: the
+    most live registers; all off) and the two common policy backwards (filtered with pre-skip,
+    and softcap with an entropy gradient); ``exhaustive``: all 20 flag combinations the
+    launcher can form (the pre-skip needs the filter and no entropy gradient). Gradient GEMMs:
+    dW with/without dbias, dbias only, dH. Label residual kernel.
+    """
+    specs = []
+    for cfg, dtype, precision in backward_variants():
+        suffix = "." + (precision if dtype == torch.float32 else "mma")
+        dot = dict(DOT_DTYPE=_TL[dtype], INPUT_PRECISION=precision)
+        mma = dtype != torch.float32 or precision == "tf32"
+        types = {"dz_ptr": _DZ_TYPE[dtype], "flag_ptr": "*i8"}
+        names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER", "PRESKIP")
+        residual = dtype != torch.float32
+        # The launcher pre-skips only without an entropy gradient: "all" is every other flag.
+        flag_sets = {"all": (1, 1, 1, 1, 0), "none": (0, 0, 0, 0, 0),
+                     "preskip": (1, 1, 0, 1, 1)}
+        if exhaustive:
+            flag_sets = {"".join("BCEFP"[i] if f else "-" for i, f in enumerate(flags)): flags
+                         for flags in itertools.product((0, 1), repeat=5)
+                         if not flags[4] or (flags[3] and not flags[2])}
+        for label, flags in flag_sets.items():
+            specs.append(LaunchSpec(
+                kernel=_dz_kernel, config=f"{cfg.dz.label}{suffix}.{label}", dtype=dtype,
+                constexprs=dict(zip(names, map(bool, flags)), FWD_BLOCK_V=forward_config_block_v(dtype),
+                                LABEL_RESIDUAL=residual, BF16_RNE=False,
+                                BLOCK_N=cfg.dz.block_n, BLOCK_V=cfg.dz.block_v, BLOCK_D=cfg.dz.block_d,
+                                GROUP_N=cfg.dz.group_n, **dot),
+                num_warps=cfg.dz.num_warps, num_stages=cfg.dz.num_stages,
+                # without a pre-skip the launcher passes tile-max stride 0 (divisible)
+                divisible=("D", "stride_hn", "stride_wv", "stride_dz", "v_start")
+                + (() if flags[4] else ("tmax_stride",)),
+                # without a bias the launcher passes an fp32 placeholder
+                types=types if flags[0] else {**types, "b_ptr": "*fp32"},
+                expects_dot=mma, expects_pipelined=True))
+        for label, dw, db in (("dw_db", True, True), ("dw", True, False), ("db", False, True)):
+            specs.append(LaunchSpec(
+                kernel=_dw_kernel, config=f"{cfg.dw.label}{suffix}.{label}", dtype=dtype,
+                constexprs=dict(COMPUTE_DW=dw, COMPUTE_DB=db, DZ_BLOCK_N=cfg.dz.block_n,
+                                BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BLOCK_K=cfg.dw.block_k,
+                                GROUP_M=_GEMM_GROUP, **dot),
+                num_warps=cfg.dw.num_warps, num_stages=cfg.dw.num_stages,
+                divisible=("D", "stride_hn", "stride_dz", "v_start"),
+                types={"dz_ptr": _DZ_TYPE[dtype], "list_ptr": "*i32", "count_ptr": "*i32"},
+                expects_dot=mma and dw, expects_pipelined=dw))
+        specs.append(LaunchSpec(
+            kernel=_dh_kernel, config=f"{cfg.dh.label}{suffix}", dtype=dtype,
+            constexprs=dict(DZ_BLOCK_V=cfg.dz.block_v, BLOCK_M=cfg.dh.block_m, BLOCK_N=cfg.dh.block_n,
+                            BLOCK_K=cfg.dh.block_k, GROUP_M=_GEMM_GROUP, USE_TMA=False, **dot),
+            num_warps=cfg.dh.num_warps, num_stages=cfg.dh.num_stages,
+            divisible=("D", "stride_wv", "stride_dz", "v_start", "chunk_cols"),
+            types={"w_ptr": "*" + _DZ_TYPE[dtype][1:], "dz_ptr": _DZ_TYPE[dtype], "list_ptr": "*i32",
+                   "count_ptr": "*i32"},
+            expects_dot=mma, expects_pipelined=True))
+    for dtype in (torch.bfloat16, torch.float16):
+        for db in (True, False):
+            specs.append(LaunchSpec(
+                kernel=_label_residual_kernel, config=f"d{_RESIDUAL_BLOCK_D}", dtype=dtype,
+                constexprs=dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=db,
+                                BLOCK_D=_RESIDUAL_BLOCK_D),
+                num_warps=4, num_stages=3, divisible=("D", "stride_hn", "stride_wv"),
+                variant="db" if db else "nodb",
+                types={"order_ptr": "*i64", "end_ptr": "*i64",
+                       **({} if db else {"db_ptr": "*fp32"})}))
+    return specs
+
+
+def forward_config_block_v(dtype: torch.dtype) -> int:
+    """The GPU forward's vocabulary tile (the pre-skip's tile-max granularity)."""
+    from .configs import forward_variants
+
+    return next(cfg.block_v for cfg, d, _, _ in forward_variants() if d == dtype)

@@ -25,37 +25,48 @@ the splits with the same rule (alpha_s = exp(m_s - M)) and writes the per-token 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import dot_dtype, input_precision
-from .configs import config_choices, forward_config, vocab_splits
-from .fast_path import FAST_PATH_DIVISIBLE, KernelBuffer, aligned, gemm_operands
+from .configs import forward_config, forward_variants, vocab_splits
 from .launch_specs import LaunchSpec
 from .logit_tile import transformed_logit_tile
+from .fast_path import KernelBuffer, aligned, gemm_operands
+from .operands import compact_rows
 
 # Rows of the partial-statistics buffer [NUM_PARTIALS, splits, M].
 _M, _S1, _ZY, _U, _S2, _SUMZ, _MAXBEFORE = range(7)
 NUM_PARTIALS = 7
+MERGE_BLOCK = 128
 
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, part_ptr, tmax_ptr,
-    M, V, D, stride_hn, stride_hd, stride_wv, stride_wd, tiles_per_split, part_stride,
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, tmax_ptr,
+    M, V, D, stride_hn, stride_wv, num_splits, tiles_per_split, part_stride,
     tmax_stride, scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, RECORD_TILE_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    """One program: one block of BLOCK_N compacted tokens x one vocabulary split.
+
+    1-D launch, split index fastest: the ``num_splits`` programs that share a token block are
+    consecutive, so they run at the same time and read that block of ``h`` from L2 (it is
+    ``BLOCK_N x D``, re-read once per vocabulary tile), while programs of the same split in
+    neighbouring token blocks stream the same ``W`` rows at about the same pace.
+    """
+    pid = tl.program_id(0)
+    pid_n = pid // num_splits
+    split = pid % num_splits
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < M
-    rows = tl.load(rows_ptr + n, mask=n_valid, other=0).to(tl.int64)
-    y = tl.load(labels_ptr + rows, mask=n_valid, other=-1).to(tl.int64)
+    y = tl.load(labels_ptr + n, mask=n_valid, other=-1).to(tl.int64)
 
     neg_inf = float("-inf")
     m = tl.full((BLOCK_N,), neg_inf, tl.float32)
@@ -72,15 +83,15 @@ def _forward_kernel(
         v = v0 + tl.arange(0, BLOCK_V)
         v_valid = v < V
         z, _ = transformed_logit_tile(
-            h_ptr, w_ptr, b_ptr, rows, n_valid, v, v_valid, D,
-            stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap, inv_temp,
+            h_ptr, w_ptr, b_ptr, n, n_valid, v, v_valid, D,
+            stride_hn, stride_wv, scale, softcap, inv_temp,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         z = tl.where(v_valid[None, :], z, neg_inf)
         tile_max = tl.max(z, 1)
         if RECORD_TILE_MAX:
             # Lets the backward bound max_v p = exp(tile_max - lse) and skip the whole tile,
             # recompute included (1/BLOCK_V of the logits' size).
-            tl.store(tmax_ptr + rows * tmax_stride + v0 // BLOCK_V, tile_max, mask=n_valid)
+            tl.store(tmax_ptr + n.to(tl.int64) * tmax_stride + v0 // BLOCK_V, tile_max, mask=n_valid)
 
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
@@ -160,59 +171,6 @@ def _merge_kernel(
         tl.store(lsp2_ptr + rows, tl.log(s2) - 2.0 * log_s1, mask=n_valid)
 
 
-#: Rows per program of the merge kernel (no tiles to tune: it streams the partials).
-MERGE_BLOCK = 128
-
-
-def launch_specs() -> list[LaunchSpec]:
-    """Every variant ``triton_forward`` can launch on a GPU (see ``compile_check``).
-
-    Per table row (``configs``: role, dtype, architecture): the ``light`` config with bias,
-    softcap and the tile-max record on (``light``: a training forward) and with everything off
-    (``none``: a frozen reference model's forward), the ``heavy`` config with every feature on
-    (``all``); fp32 also with TF32 dots (``input_precision`` follows torch's TF32 flag). fp16
-    differs from bf16 only in the MMA type, so it builds no ``none``.
-    """
-    rows: dict[tuple, list[int]] = {}
-    for c in config_choices():
-        if c.family == "forward":
-            rows.setdefault((c.role, c.config, c.dtype, c.precision), []).append(c.arch)
-    specs = []
-    for (role, cfg, dtype, precision), archs in rows.items():
-        variants = ["all"] if role == "heavy" else ["light", "none"]
-        if dtype == torch.float16:
-            variants = variants[:1]
-        if precision == "tf32":
-            variants = [f"{variants[0]}-tf32"]
-        for variant in variants:
-            heavy = variant.startswith("all")
-            extras = not variant.startswith("none")
-            record = variant.startswith("light") or heavy
-            specs.append(LaunchSpec(
-                kernel=_forward_kernel, config=cfg.label, dtype=dtype, variant=variant,
-                constexprs=dict(HAS_BIAS=extras, HAS_SOFTCAP=extras, WITH_ENTROPY=heavy,
-                                WITH_STATS=heavy, RECORD_TILE_MAX=record, BLOCK_N=cfg.block_n,
-                                BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                                DOT_DTYPE=_DOT_DTYPES[dtype],
-                                INPUT_PRECISION="tf32" if variant.endswith("tf32") else "ieee",
-                                stride_hd=1, stride_wd=1),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=tuple(sorted(archs)),
-                # Without a tile-max buffer the launcher passes stride 0 (divisible).
-                divisible=FAST_PATH_DIVISIBLE + (() if record else ("tmax_stride",)),
-                expects_dot=True, expects_pipelined=True))
-    for flags in ("all", "none"):
-        on = flags == "all"
-        specs.append(LaunchSpec(
-            kernel=_merge_kernel, config=f"{MERGE_BLOCK}w4s3", dtype=torch.float32, variant=flags,
-            constexprs=dict(WITH_ENTROPY=on, WITH_STATS=on, BLOCK=MERGE_BLOCK),
-            # without stats the launcher passes an fp32 placeholder for the int8 output
-            types={} if on else {"top1_ptr": "*fp32"}, num_warps=4, num_stages=3))
-    return specs
-
-
-_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def tile_max_columns(vocab_size: int, dtype: torch.dtype) -> int:
     """Columns of the per-tile max buffer: one per forward vocabulary tile."""
     return triton.cdiv(vocab_size, forward_config(dtype).block_v)
@@ -236,39 +194,45 @@ def triton_forward(
     """Fill ``outputs`` at ``rows``; entries of other rows are left as they are.
 
     Args:
-        hidden: ``[N, D]`` fp32/fp16/bf16, any strides and alignment, any D (an operand that
-            breaks the fast path's assumptions is copied or zero-padded first, logged at
-            debug level: see ``fast_path``).
-        weight: ``[V, D]`` same dtype, likewise.  bias: ``[V]`` or None.
+        hidden: ``[N, D]`` fp32/fp16/bf16, any strides, alignment and D (the kept rows are
+            compacted into a contiguous ``[M, D]`` copy unless every row is kept and ``hidden``
+            is contiguous; D not a multiple of 16 is zero-padded: see ``fast_path``).
+        weight: ``[V, D]`` same dtype (copied or padded likewise when it breaks the fast path).
+        bias: ``[V]`` or None.
         labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
-        rows: ``[M]`` int64, the kept token indices (M >= 1).
+        rows: ``[M]`` int64, the sorted kept token indices (M >= 1).
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
             when asked, ``entropy``,
             ``mean_logit``, ``log_sum_p2``; int8 ``[N]`` ``is_top1``.
-        tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]``: each kept token's max
-            transformed logit in each forward vocabulary tile, for the backward's pre-skip.
+        tile_max: optional fp32 ``[N, tile_max_columns(V, dtype)]`` (N >= M): row ``i < M``
+            receives the ``i``-th kept token's max transformed logit in each forward vocabulary
+            tile (compacted order, as the backward reads it), for the backward's pre-skip.
     """
-    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path).
-    hidden, weight, D = gemm_operands(hidden, weight)
+    num_rows = rows.numel()
+    V = weight.shape[0]
+    cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats)
+    h_c = compact_rows(hidden, rows)
+    labels_c = compact_rows(labels, rows)
+    # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path): an
+    # input that breaks it is copied or zero-padded (logged at debug level), never run slow.
+    h_c, weight, D = gemm_operands(h_c, weight)
     bias = aligned(bias, "bias") if bias is not None else None
-    rows, labels = aligned(rows, "rows"), aligned(labels, "labels")
+    rows = aligned(rows, "rows")
     written = {name: KernelBuffer(t, name) for name, t in outputs.items()}
     outputs = {name: b.tensor for name, b in written.items()}
     tile_max_out = KernelBuffer(tile_max, "tile_max")
     tile_max = tile_max_out.tensor
-    num_rows = rows.numel()
-    V = weight.shape[0]
-    cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats, device=hidden.device)
     token_blocks = triton.cdiv(num_rows, cfg.block_n)
-    splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device)
+    splits, tiles_per_split = vocab_splits(token_blocks, triton.cdiv(V, cfg.block_v), hidden.device,
+                                           block_bytes=cfg.block_n * D * hidden.element_size())
     if NUM_PARTIALS * splits * num_rows >= 2**31:
         raise ValueError(f"too many tokens for one launch ({num_rows}); split the batch")
     partials = torch.empty((NUM_PARTIALS, splits, num_rows), device=hidden.device, dtype=torch.float32)
-    _forward_kernel[(token_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden, rows, labels, partials,
+    _forward_kernel[(token_blocks * splits,)](
+        h_c, weight, bias if bias is not None else h_c, labels_c, partials,
         tile_max if tile_max is not None else partials,
-        num_rows, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        tiles_per_split, splits * num_rows, tile_max.stride(0) if tile_max is not None else 0,
+        num_rows, V, D, h_c.stride(0), weight.stride(0),
+        splits, tiles_per_split, splits * num_rows, tile_max.stride(0) if tile_max is not None else 0,
         float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, RECORD_TILE_MAX=tile_max is not None,
@@ -276,14 +240,57 @@ def triton_forward(
         DOT_DTYPE=dot_dtype(hidden.dtype), INPUT_PRECISION=input_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    merge_block = MERGE_BLOCK
     dummy = outputs["logp"]
-    _merge_kernel[(triton.cdiv(num_rows, merge_block),)](
+    _merge_kernel[(triton.cdiv(num_rows, MERGE_BLOCK),)](
         partials, rows, outputs["logp"], outputs["row_max"], outputs["log_norm"],
         outputs.get("entropy", dummy), outputs.get("mean_logit", dummy),
         outputs.get("is_top1", dummy), outputs.get("log_sum_p2", dummy),
         num_rows, splits, splits * num_rows, 1.0 / V,
-        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=merge_block,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, BLOCK=MERGE_BLOCK,
     )
     for buffer in (*written.values(), tile_max_out):
         buffer.finish()
+
+
+def launch_specs(exhaustive: bool = False) -> list[LaunchSpec]:
+    """Every forward variant the launcher can pick on a GPU.
+
+    Per (config, dtype, precision, heavy = entropy or stats): by default the optional features
+    all on, all off, and the common policy forwards (tile max, with or without entropy);
+    ``exhaustive``: every combination of the five feature flags (16 per config; a long
+    compile, for a one-off check that no combination spills: ptxas is not monotone in them).
+    """
+    specs = []
+    for cfg, dtype, precision, heavy in forward_variants():
+        tl_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
+                    torch.bfloat16: tl.bfloat16}[dtype]
+        if exhaustive:
+            flag_sets = {"".join("BCESM"[i] if f else "-" for i, f in enumerate(flags)): flags
+                         for flags in itertools.product((False, True), repeat=5)
+                         if (flags[2] or flags[3]) == heavy}
+        else:
+            flag_sets = ({"all": (True,) * 5, "entropy_tmax": (False, False, True, False, True),
+                          "stats": (False, False, False, True, False)} if heavy else
+                         {"all": (True, True, False, False, True), "none": (False,) * 5,
+                          "tmax": (False, False, False, False, True)})
+        for label, (bias, cap, ent, with_stats, tmax) in flag_sets.items():
+            specs.append(LaunchSpec(
+                kernel=_forward_kernel,
+                config=f"{cfg.label}.{precision if dtype == torch.float32 else 'mma'}."
+                       f"{'heavy' if heavy else 'light'}.{label}",
+                dtype=dtype,
+                constexprs=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, WITH_ENTROPY=ent, WITH_STATS=with_stats,
+                                RECORD_TILE_MAX=tmax, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                                BLOCK_D=cfg.block_d, DOT_DTYPE=tl_dtype, INPUT_PRECISION=precision),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                # without a tile-max buffer the launcher passes stride 0 (divisible)
+                divisible=("D", "stride_hn", "stride_wv") + (() if tmax else ("tmax_stride",)),
+                expects_dot=dtype != torch.float32 or precision == "tf32",
+                expects_pipelined=True))
+    for label, on in (("all", True), ("none", False)):
+        specs.append(LaunchSpec(
+            kernel=_merge_kernel, config=f"b{MERGE_BLOCK}.{label}", dtype=torch.float32,
+            constexprs=dict(WITH_ENTROPY=on, WITH_STATS=on, BLOCK=MERGE_BLOCK),
+            # without stats the launcher passes an fp32 placeholder for the int8 output
+            types={} if on else {"top1_ptr": "*fp32"}, num_warps=4, num_stages=3))
+    return specs

@@ -69,7 +69,8 @@ def _forward_op(
     """hidden ``[N, D]``, labels ``[N]`` -> fp32 ``[N]`` logp, ``[2, N]`` normaliser (row max m
     and log s1 with lse = m + log s1, kept apart for the backward's precision), entropy,
     mean_logit, is_top1 (bool), log_sum_p2, and the Triton forward's per-tile max logits
-    ``[N, tiles]`` (``record_tile_max``, for the backward's pre-skip); optional ones are empty
+    ``[N, tiles]`` (``record_tile_max``, for the backward's pre-skip; row i holds the i-th kept
+    token, compacted order, rows past the kept count unused); optional ones are empty
     ``[0]`` when not asked for. ``filter_eps``/``deterministic`` are carried for the backward."""
     n = labels.shape[0]
     vocab = weight.shape[0]
@@ -110,7 +111,8 @@ def _forward_op(
 
 
 def _tile_max_buffer(hidden: Tensor, n: int, vocab: int, record: bool) -> Tensor:
-    """``[N, tiles]`` fp32, written at the kept rows only (the backward reads only those)."""
+    """``[N, tiles]`` fp32; the first M rows receive the M kept tokens in compacted order (the
+    backward reads only those; the shape must not depend on M for the fake op)."""
     if not record:
         return hidden.new_empty(_EMPTY, dtype=torch.float32)
     from ..kernels.linear_logprobs_fwd import tile_max_columns
@@ -273,7 +275,9 @@ def linear_logprobs(
             never filtered. ``"auto"``: 2^-12 for bf16, 2^-15 for fp16, exact (None) for fp32.
             ``None``: exact. The torch backend is always exact. From 1 on every tile would
             qualify whatever the data (``p <= 1``), so such values are refused.
-        deterministic: bit-reproducible backward without atomics (recomputes the logits twice).
+        deterministic: bit-reproducible backward. The Triton backward has no atomics and is
+            bit-reproducible in every mode now (docs/kernels.md); kept for the API and for
+            backends that may need it.
         backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
             or ``"auto"``.
 
@@ -301,7 +305,7 @@ def linear_logprobs(
     flat_labels = labels.reshape(-1).long()  # kernels and gathers index with int64
     # The per-tile max (1/BLOCK_V of the logits' size) is only worth recording for a filtered
     # Triton backward that will actually run.
-    record_tile_max = (resolved == "triton" and eps is not None and not deterministic
+    record_tile_max = (resolved == "triton" and eps is not None
                        and torch.is_grad_enabled()
                        and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
     logp, _norm, entropy, mean_logit, is_top1, log_sum_p2, _tmax = torch.ops.apo_kernels.linear_logprobs_fwd(

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 @dataclass
 class SkipStats:
-    """Tiles of the atomic backward: all launched, skipped before the logit recompute (the
-    forward's per-tile max proved every probability below ``filter_eps``), and skipped after
-    it (the recomputed gradient was below the threshold)."""
+    """Gradient tiles of the Triton backward (``BLOCK_N`` tokens x ``BLOCK_V`` vocabulary
+    entries, summed over every vocabulary chunk): all of them, those skipped before the logit
+    recompute (the forward's per-tile max proved every probability below ``filter_eps`` and
+    the tile holds no label of its tokens), and those skipped after it (the recomputed
+    gradient was below the threshold). A skipped tile costs neither its recompute (before)
+    nor its two gradient GEMMs (either)."""
 
     tiles: int = 0
     skipped_before_recompute: int = 0
