@@ -79,7 +79,7 @@ class SinglePassPlan:
     with_entropy: bool = False
     with_stats: bool = False
     need_plain: bool = False
-    chunk_bytes: int = DEFAULT_PAIR_CHUNK_BYTES
+    chunk_bytes: int | None = None  # default: DEFAULT_PAIR_CHUNK_BYTES (read at call time)
 
 
 class SinglePassOutput(dict):
@@ -118,7 +118,8 @@ class _SinglePass(torch.autograd.Function):
         kept_ids = plan.seq_ids[kept]
         counts = torch.bincount(kept_ids, minlength=s)
         starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        max_tokens = max(1, plan.chunk_bytes // (vocab * 4 * _BUFFERS_PER_CHUNK))
+        budget = plan.chunk_bytes or DEFAULT_PAIR_CHUNK_BYTES
+        max_tokens = max(1, budget // (vocab * 4 * _BUFFERS_PER_CHUNK))
 
         tok = {"logp": torch.zeros(n, **f32), "row_max": torch.zeros(n, **f32),
                "log_norm": torch.zeros(n, **f32)}
