@@ -243,25 +243,30 @@ def fused_linear_preference_loss(
         filter_eps=filter_eps, deterministic=deterministic, backend=backend,
     )
     want_stats = compute_metrics or use_weighting
-    ref_tok = None
-    if has_ref_hidden:
-        with torch.no_grad():
-            # Without its own head, the reference shares the policy's whole head, bias included.
-            # Forward-only, and first: the policy's single pass needs the reference sums.
-            rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
-            ref_tok = linear_logprobs(
-                ref_hidden.detach(), rw.detach(), labels, None if rb is None else rb.detach(), **op_kwargs
-            )
-
     # Per-token weights: completion mask x LD-DPO factor (/ length for "mean").
     w, lengths = completion_token_weights(
         mask, layout.seq_ids, num_seqs=layout.num_seqs, reduction=reduction, ld_alpha=ld_alpha
     )
     plain = reduction == "sum" and ld_alpha is None  # w == mask: the op already wrote 0 there
+    single = _single_pass_applies(hidden, weight, bias, types, backend)
 
-    if _single_pass_applies(hidden, weight, bias, types, backend):
+    ref_tok = ref_seq_sums = None
+    if has_ref_hidden:
+        with torch.no_grad():
+            # Without its own head, the reference shares the policy's whole head, bias included.
+            # Forward-only, and first: the policy's single pass needs the reference sums.
+            rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+            rb = None if rb is None else rb.detach()
+            if single:  # the same chunks of whole pairs, no gradient: one GEMM per chunk
+                ref_seq_sums = _pair_chunk_sums(
+                    ref_hidden.detach(), rw.detach(), rb, labels, layout, w, ignore_index=ignore_index,
+                    temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+            else:
+                ref_tok = linear_logprobs(ref_hidden.detach(), rw.detach(), labels, rb, **op_kwargs)
+
+    if single:
         seq_ref = (
-            _segment_sums(ref_tok, w, layout) if ref_tok is not None
+            ref_seq_sums if ref_seq_sums is not None
             else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
         )
         loss_kw = dict(
@@ -318,6 +323,38 @@ def _single_pass_applies(hidden: Tensor, weight: Tensor, bias: Tensor | None, ty
     return resolve_backend(backend, hidden.device) == "torch"
 
 
+def _pair_chunk_inputs(hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature):
+    """Checked inputs of the pair-chunk pass: (hidden, weight) cast like a matmul under
+    autocast, flat int64 labels and per-position sequence ids."""
+    check_linear_inputs(hidden, weight, labels, bias)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as linear_logprobs: a matmul's casts
+        cast_to = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+    check_same_dtype(hidden, weight)
+    check_transform(logit_scale, softcap, temperature)
+    flat_labels = labels.reshape(-1).long()
+    check_label_values(flat_labels, (flat_labels != ignore_index).nonzero().squeeze(1), weight.shape[0])
+    if layout.packed:
+        seq_ids = layout.seq_ids
+    else:
+        seq_ids = torch.arange(layout.num_seqs, device=labels.device).repeat_interleave(labels.shape[1])
+    return hidden, weight, flat_labels, seq_ids
+
+
+def _pair_chunk_sums(hidden, weight, bias, labels, layout, w, *, ignore_index, temperature, logit_scale,
+                     softcap) -> Tensor:
+    """Forward-only weighted sequence sums ``[2B]`` (the reference), by chunks of whole pairs."""
+    hidden, weight, flat_labels, seq_ids = _pair_chunk_inputs(
+        hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature)
+    plan = SinglePassPlan(
+        labels=flat_labels, seq_ids=seq_ids, num_seqs=layout.num_seqs, token_weights=w.reshape(-1).float(),
+        loss_fn=None, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap), temperature=float(temperature),
+    )
+    return single_pass_sequence_logps(hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan)["seq"]
+
+
 @dataclass
 class _SinglePassResult:
     seq: Tensor
@@ -332,21 +369,10 @@ def _single_pass(
     logit_scale: float, softcap: float | None, filter_eps: object, backend: str,
 ) -> _SinglePassResult:
     """Policy log-probs, sequence sums, per-pair losses, with dH/dW formed in the same pass."""
-    check_linear_inputs(hidden, weight, labels, bias)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # as linear_logprobs: a matmul's casts
-        cast_to = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(cast_to), weight.to(cast_to)
-    check_same_dtype(hidden, weight)
-    check_transform(logit_scale, softcap, temperature)
+    hidden, weight, flat_labels, seq_ids = _pair_chunk_inputs(
+        hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
     b = layout.num_seqs // 2
-    flat_labels = labels.reshape(-1).long()
-    check_label_values(flat_labels, (flat_labels != ignore_index).nonzero().squeeze(1), weight.shape[0])
-    if layout.packed:
-        seq_ids = layout.seq_ids
-    else:
-        seq_ids = torch.arange(layout.num_seqs, device=labels.device).repeat_interleave(labels.shape[1])
     need_plain = use_weighting or sft_plain
     len_f = lengths.clamp(min=1).float()
 

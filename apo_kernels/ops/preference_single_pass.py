@@ -29,6 +29,7 @@ phases for that pair only: a forward over sub-chunks, then the recompute backwar
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,8 +41,10 @@ from . import pair_chunk_epilogue as epi
 __all__ = ["SinglePassPlan", "single_pass_sequence_logps", "DEFAULT_PAIR_CHUNK_BYTES"]
 
 #: Bytes of fp32 ``[chunk, V]`` buffers one chunk of pairs may hold (the logits block and, with
-#: entropy, its exponentials): a chunk gets as many whole pairs as fit, at least one.
-DEFAULT_PAIR_CHUNK_BYTES = 512 * 2**20
+#: entropy, its exponentials): a chunk gets as many whole pairs as fit, at least one. A pair
+#: larger than this takes the recompute path (see the module docstring); the environment
+#: variable ``APO_KERNELS_PAIR_CHUNK_MIB`` overrides it (read at each call).
+DEFAULT_PAIR_CHUNK_BYTES = 256 * 2**20
 _BUFFERS_PER_CHUNK = 2
 
 #: Residual gradients below this fraction of the largest incoming gradient are rounding (the
@@ -89,6 +92,19 @@ class SinglePassOutput(dict):
     positions; absent ones None)."""
 
 
+def _env_chunk_bytes() -> int | None:
+    text = os.environ.get("APO_KERNELS_PAIR_CHUNK_MIB")
+    if not text:
+        return None
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib > 0:
+        raise ValueError(f"APO_KERNELS_PAIR_CHUNK_MIB must be a positive number of MiB, got {text!r}")
+    return int(mib * 2**20)
+
+
 def _groups(counts: Tensor, b: int, max_tokens: int) -> list[tuple[int, int]]:
     """Consecutive pair ranges ``[i0, i1)`` whose kept tokens fit ``max_tokens`` (>= 1 pair)."""
     per_pair = (counts[:b] + counts[b:]).tolist()
@@ -118,7 +134,7 @@ class _SinglePass(torch.autograd.Function):
         kept_ids = plan.seq_ids[kept]
         counts = torch.bincount(kept_ids, minlength=s)
         starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        budget = plan.chunk_bytes or DEFAULT_PAIR_CHUNK_BYTES
+        budget = plan.chunk_bytes or _env_chunk_bytes() or DEFAULT_PAIR_CHUNK_BYTES
         max_tokens = max(1, budget // (vocab * 4 * _BUFFERS_PER_CHUNK))
 
         tok = {"logp": torch.zeros(n, **f32), "row_max": torch.zeros(n, **f32),
