@@ -15,7 +15,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import bench, check, train
+    from .commands import bench, check, train, tune
 
     parser = argparse.ArgumentParser(
         prog="apo-kernels",
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"apo-kernels {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, check, bench):
+    for module in (train, check, bench, tune):
         module.register(subparsers)
     try:
         from .clair import cli as clair_cli

@@ -320,7 +320,8 @@ def _single_pass_applies(hidden: Tensor, weight: Tensor, bias: Tensor | None, ty
         return False
     if backend not in ("auto", "torch", "triton"):
         return False  # linear_logprobs names the bad value
-    return resolve_backend(backend, hidden.device) == "torch"
+    shape = (hidden.dtype, hidden.shape[-1], weight.shape[0], hidden.numel() // max(1, hidden.shape[-1]))
+    return resolve_backend(backend, hidden.device, shape=shape) == "torch"
 
 
 def _pair_chunk_inputs(hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature):

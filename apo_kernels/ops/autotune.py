@@ -100,6 +100,11 @@ def default_device_key(device: torch.device) -> tuple[str, str]:
     return device.type, device.type
 
 
+def device_key_fn() -> Callable[[torch.device], tuple[str, str]]:
+    """The device-key function in use (module attribute, so tests can swap in a fake GPU)."""
+    return default_device_key
+
+
 def default_timer(name: str, fn: Callable[[], object]) -> float:
     """Median seconds of ``fn`` on the GPU (``triton.testing.do_bench``, warm-up included)."""
     from triton.testing import do_bench
@@ -123,7 +128,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _memory: dict[str, dict] = {}  # path -> parsed cache (this process)
 _warned: set[str] = set()
 
@@ -251,8 +256,8 @@ def choose_backend(
     v: int,
     n: int,
     *,
-    device_key: Callable[[torch.device], tuple[str, str]] = default_device_key,
-    timer: Callable[[str, Callable[[], object]], float] = default_timer,
+    device_key: Callable[[torch.device], tuple[str, str]] | None = None,
+    timer: Callable[[str, Callable[[], object]], float] | None = None,
     candidates: dict[str, Candidate] | None = None,
     path: Path | None = None,
     broadcast: bool = True,
@@ -260,9 +265,10 @@ def choose_backend(
     """The backend ``auto`` runs for inputs ``[n, d] x [v, d]`` of ``dtype`` on ``device``:
     ``"torch"`` off CUDA; on CUDA the cached or freshly timed faster candidate whose device passed
     the self-check."""
-    kind, name = device_key(device)
+    kind, name = (device_key or default_device_key)(device)
     if kind != "cuda":
         return "torch"
+    timer = timer or default_timer
     cands = candidates if candidates is not None else default_candidates()
     path = path or cache_path()
     with _lock:
@@ -331,7 +337,7 @@ def tune(shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype], device: 
     for n, d, v in shapes:
         for dt in dtypes:
             backend = choose_backend(device, dt, d, v, n, **kwargs)
-            kind, name = kwargs.get("device_key", default_device_key)(device)
+            kind, name = (kwargs.get("device_key") or default_device_key)(device)
             entry = None
             if kind == "cuda":
                 key = f"{name}|{_dtype_name(dt)}|D={d}|V={v}|N={min(n_bucket(n), MAX_TIMED_TOKENS)}"
