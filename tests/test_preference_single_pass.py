@@ -263,3 +263,16 @@ def test_no_grad_and_unwritten_outputs(gen, spy, poison_empty):
     assert torch.isfinite(hh.grad).all() and torch.isfinite(out2.loss)
     for k, v in out2.metrics.items():
         torch.testing.assert_close(v.float(), out.metrics[k].float(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bf16_matches_recompute(gen, spy, monkeypatch):
+    h, w, labels, bb, ref_h, ref_w = (None if t is None else (t.bfloat16() if t.is_floating_point() else t)
+                                      for t in _problem(gen, bias=True))
+    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, loss_type="sigmoid")  # noqa: E731
+    loss, grads = _grads(fn, h, w, bb)
+    assert spy["grad_chunks"] > 0 and all(g.dtype == torch.bfloat16 for g in grads)
+    o_loss, o_grads = _grads(lambda h_, w_, b_: _oracle(h_, w_, labels, b_, ref_h, ref_w, loss_type="sigmoid"),
+                             h, w, bb)
+    _close(loss, o_loss, rtol=1e-2)
+    for g, og in zip(grads, o_grads):
+        _close(g, og, rtol=1e-2)

@@ -5,8 +5,8 @@ over ``[chunk, V]`` as plain torch allows (every pass costs about as much as the
 itself on CPU):
 
 - :func:`forward_stats_` turns the raw logits ``h @ W.T`` into the per-token statistics
-  (log-prob of the label, the normaliser, optional entropy and metrics) and leaves the block
-  holding the unnormalised probabilities ``e = exp(z - max z)`` for the gradient;
+  (log-prob of the label, the normaliser, optional entropy and metrics) and returns the
+  probabilities ``p`` (one new ``[chunk, V]`` buffer; the logits block is freed) for the gradient;
 - :func:`logit_grad_` turns that block, given the per-token gradient ``g_t = dL/dlogp_t``, into
   the raw-logit gradient ``dz = jac * g * (onehot - p)`` in place, ready for ``dz @ W`` and
   ``dz.T @ h``.
@@ -43,11 +43,10 @@ class ChunkStats(NamedTuple):
 
 
 class GradState(NamedTuple):
-    """What :func:`logit_grad_` needs: ``e [n, V]`` (``exp(z - m)``, overwritten by ``dz``),
-    ``s1 [n]`` (``sum e``) and ``jac`` (``dz/d(raw logit)``: a float, or ``[n, V]`` with softcap)."""
+    """What :func:`logit_grad_` needs: ``p [n, V]`` (the probabilities, overwritten by ``dz``)
+    and ``jac`` (``dz/d(raw logit)``: a float, or ``[n, V]`` with softcap)."""
 
-    e: Tensor
-    s1: Tensor
+    p: Tensor
     jac: Tensor | float
 
 
@@ -67,7 +66,7 @@ def forward_stats_(
     with_entropy: bool,
     with_stats: bool,
 ) -> tuple[ChunkStats, GradState]:
-    """Raw fp32 logits ``z [n, V]`` (consumed: the caller must not use it again), int64 labels
+    """Raw fp32 logits ``z [n, V]`` (consumed: overwritten, the caller must not use it again), int64 labels
     ``[n]`` in ``[0, V)``, fp32 ``bias [V]`` or None -> (:class:`ChunkStats`, :class:`GradState`).
 
     The transform ``T(x) = softcap * tanh(scale * x / softcap) / temperature`` (without softcap
@@ -85,36 +84,31 @@ def forward_stats_(
         jac = (1.0 - th * th).mul_(logit_scale / temperature)  # the one extra [n, V] buffer
         z = th.mul_(softcap / temperature)
     y = labels[:, None]
-    if with_stats:
-        row_max, argmax = z.max(-1)
-        is_top1 = argmax == labels  # first arg-max on ties, like torch.argmax and the kernel
-        mean_logit = z.mean(-1)
-    else:
-        row_max, is_top1, mean_logit = z.amax(-1), None, None
+    row_max, argmax = z.max(-1)
+    is_top1 = (argmax == labels) if with_stats else None  # first arg-max on ties, like the kernel
+    mean_logit = z.mean(-1) if with_stats else None
     z_rel = z.sub_(row_max[:, None])  # <= 0 everywhere, 0 at the arg-max
     target = z_rel.gather(1, y).squeeze(1)
+    # softmax, not exp_: torch's elementwise exp takes a slow path (10-30x) for arguments below
+    # about -87 (results in or below the subnormal range), which peaked logits produce for most
+    # of the vocabulary; the softmax kernel's own vectorised exp does not.
+    p = torch.softmax(z_rel, dim=-1)
+    # p at the arg-max is exp(0) / s1 = 1 / s1 >= 1 / V: log s1 without another pass or underflow.
+    log_s1 = p.gather(1, argmax[:, None]).squeeze(1).log_().neg_()
     entropy = None
     if with_entropy:
-        # exp into a second buffer: the entropy needs z and p together. H = log s1 + E_p[-z_rel]
-        # is a sum of two non-negative terms, so it never cancels, even when H is tiny.
-        e = torch.exp(z_rel)
-        s1 = e.sum(-1)
-        log_s1 = s1.log()
-        entropy = log_s1 - _rowdot(e, z_rel) / s1
-        del z_rel, z
-    else:
-        e = z_rel.exp_()
-        s1 = e.sum(-1)
-        log_s1 = s1.log()
-    log_sum_p2 = _rowdot(e, e).log_() - 2.0 * log_s1 if with_stats else None
+        # H = log s1 + E_p[-z_rel]: a sum of two non-negative terms, so it never cancels.
+        entropy = log_s1 - _rowdot(p, z_rel)
+    del z_rel, z
+    log_sum_p2 = _rowdot(p, p).log_() if with_stats else None
     stats = ChunkStats(target - log_s1, row_max, log_s1, entropy, mean_logit, is_top1, log_sum_p2)
-    return stats, GradState(e, s1, jac)
+    return stats, GradState(p, jac)
 
 
 def logit_grad_(state: GradState, labels: Tensor, g: Tensor) -> Tensor:
     """fp32 ``g [n]`` (``dL/dlogp_t``) -> ``dz [n, V] = jac * g * (onehot(label) - p)``, written
-    over ``state.e`` and returned (the gradient with respect to the raw logits ``h @ W.T``)."""
-    dz = state.e.mul_((-g / state.s1)[:, None])
+    over ``state.p`` and returned (the gradient with respect to the raw logits ``h @ W.T``)."""
+    dz = state.p.mul_(-g[:, None])
     dz[torch.arange(dz.shape[0], device=dz.device), labels] += g
     if isinstance(state.jac, Tensor):
         dz *= state.jac
