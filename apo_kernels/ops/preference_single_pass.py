@@ -239,23 +239,28 @@ class _SinglePass(torch.autograd.Function):
         hidden, weight, bias, norm = ctx.saved_tensors
         plan: SinglePassPlan = ctx.plan
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        stored_h, stored_w, stored_b = ctx.stored
         zero = torch.zeros(plan.num_seqs, device=norm.device, dtype=torch.float32)
         got = torch.cat([zero if grad_seq is None else grad_seq.float(),
                          zero if grad_plain is None else grad_plain.float()])
-        pred = ctx.pred
+        # After the stored gradients were handed over (a retained graph's second backward),
+        # everything is recomputed: the prediction counts as zero.
+        pred = ctx.pred if ctx.stored is not None else torch.zeros_like(got)
         denom = torch.dot(pred, pred)
         c = float(torch.dot(got, pred) / denom) if float(denom) > 0 else 0.0
+        if abs(c - 1.0) <= 1e-6:  # the loss itself: hand the stored gradients over, no copy
+            c = 1.0
         residual = got - c * pred
         scale = float(got.abs().max()) if got.numel() else 0.0
-        grads = []
-        for stored, needed in ((stored_h, needs_h), (stored_w, needs_w), (stored_b, needs_b)):
-            if not needed or stored is None:
-                grads.append(None)
-            elif c == 1.0:
-                grads.append(stored)
-            else:
-                grads.append(stored * c)
+        grads = [None, None, None]
+        if c != 0.0:
+            for i, needed in enumerate((needs_h, needs_w, needs_b)):
+                stored = ctx.stored[i]
+                if needed and stored is not None:
+                    grads[i] = stored if c == 1.0 else stored * c
+            if c == 1.0:
+                # Autograd may keep these very tensors as .grad and add into them in place: never
+                # hand them out twice.
+                ctx.stored = None
         if scale > 0 and float(residual.abs().max()) > _RESIDUAL_RTOL * scale:
             s = plan.num_seqs
             ids = plan.seq_ids
@@ -265,7 +270,6 @@ class _SinglePass(torch.autograd.Function):
             tok = {"row_max": norm[0], "log_norm": norm[1]}
             extra = _recompute_backward(g, hidden, weight, bias, plan, tok, needs_h, needs_w, needs_b)
             grads = [x if d is None else (d if x is None else x + d) for x, d in zip(grads, extra)]
-        ctx.stored = None  # free the stored gradients with the graph
         out = []
         for g_, like in zip(grads, (hidden, weight, bias)):
             out.append(None if g_ is None else g_.to(like.dtype))
