@@ -42,9 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apo_kernels import FusedLinearPreferenceLoss, preference_loss  # noqa: E402
-from apo_kernels.bench.env import device_slug, environment  # noqa: E402
-from apo_kernels.bench.measure import cpu_peak_above  # noqa: E402
+from apo_kernels import FusedLinearPreferenceLoss, preference_loss
+from apo_kernels.bench.env import device_slug, environment
+from apo_kernels.bench.measure import cpu_peak_above
 
 PAIRS, SEQ, PROMPT, D, V = 4, 256, 64, 576, 49152
 BETA = 0.1
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         ts = sorted(t * 1e3 for t in times[name])
         q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
         dh, dw = grads[name]
-        rel = lambda x, y: float((x - y).abs().max() / y.abs().max()) if y is not None else float("nan")  # noqa: E731
+        rel = lambda x, y: float((x - y).abs().max() / y.abs().max()) if y is not None else float("nan")
         rows.append(dict(
             device=env["device"], torch=env["torch"], liger_kernel=env["liger-kernel"],
             provider=name, pairs=PAIRS, seq=SEQ, prompt=PROMPT, d=D, v=V, dtype="float32",

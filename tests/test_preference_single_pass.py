@@ -120,7 +120,7 @@ def test_against_float64(gen, spy, loss_type, bias):
 def test_every_loss_type_matches_recompute(gen, spy, monkeypatch, loss_type):
     h, w, labels, bb, ref_h, ref_w = _problem(gen, b=2, t=7, d=16, v=61, bias=True)
     kw = dict(loss_type=loss_type, **LOSS_KW.get(loss_type, {}))
-    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, **kw)  # noqa: E731
+    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, **kw)
     loss, grads = _grads(fn, h, w, bb)
     if loss_type in NON_SEPARABLE_LOSS_TYPES:
         assert spy["grad_chunks"] == 0  # sorts over the batch: the recompute path
@@ -233,7 +233,7 @@ def test_scaled_loss_reuses_stored_gradients(gen, spy):
 
 def test_oversized_pairs_fall_back_to_recompute(gen, spy, monkeypatch):
     h, w, labels, bb, ref_h, ref_w = _problem(gen, b=3, t=13, bias=True)
-    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, loss_type="ipo")  # noqa: E731
+    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, loss_type="ipo")
     loss, grads = _grads(fn, h, w, bb)
     # A chunk budget of 1 token: every pair (>= 2 tokens but for the odd emptied row) is larger
     # than a chunk, so its forward runs by sub-chunks and its backward recomputes.
@@ -268,7 +268,7 @@ def test_no_grad_and_unwritten_outputs(gen, spy, poison_empty):
 def test_bf16_matches_recompute(gen, spy, monkeypatch):
     h, w, labels, bb, ref_h, ref_w = (None if t is None else (t.bfloat16() if t.is_floating_point() else t)
                                       for t in _problem(gen, bias=True))
-    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, loss_type="sigmoid")  # noqa: E731
+    fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, loss_type="sigmoid")
     loss, grads = _grads(fn, h, w, bb)
     assert spy["grad_chunks"] > 0 and all(g.dtype == torch.bfloat16 for g in grads)
     o_loss, o_grads = _grads(lambda h_, w_, b_: _oracle(h_, w_, labels, b_, ref_h, ref_w, loss_type="sigmoid"),

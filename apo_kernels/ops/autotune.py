@@ -44,14 +44,14 @@ from torch import Tensor
 
 __all__ = [
     "CACHE_ENV",
+    "Candidate",
     "cache_path",
-    "n_bucket",
     "choose_backend",
+    "default_candidates",
+    "n_bucket",
+    "reset_memory_cache",
     "self_check",
     "tune",
-    "Candidate",
-    "default_candidates",
-    "reset_memory_cache",
 ]
 
 CACHE_ENV = "APO_KERNELS_CACHE_DIR"

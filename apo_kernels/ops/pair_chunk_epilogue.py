@@ -110,8 +110,6 @@ def logit_grad_(state: GradState, labels: Tensor, g: Tensor) -> Tensor:
     over ``state.p`` and returned (the gradient with respect to the raw logits ``h @ W.T``)."""
     dz = state.p.mul_(-g[:, None])
     dz[torch.arange(dz.shape[0], device=dz.device), labels] += g
-    if isinstance(state.jac, Tensor):
-        dz *= state.jac
-    elif state.jac != 1.0:
+    if isinstance(state.jac, Tensor) or state.jac != 1.0:
         dz *= state.jac
     return dz

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import pair_chunk_epilogue as epi
 
-__all__ = ["SinglePassPlan", "single_pass_sequence_logps", "DEFAULT_PAIR_CHUNK_BYTES"]
+__all__ = ["DEFAULT_PAIR_CHUNK_BYTES", "SinglePassPlan", "single_pass_sequence_logps"]
 
 #: Bytes of fp32 ``[chunk, V]`` buffers one chunk of pairs may hold (the logits block and, with
 #: entropy, its exponentials): a chunk gets as many whole pairs as fit, at least one. A pair
