@@ -65,12 +65,15 @@ def forward_stats_(
     temperature: float,
     with_entropy: bool,
     with_stats: bool,
+    p_out: Tensor | None = None,
 ) -> tuple[ChunkStats, GradState]:
     """Raw fp32 logits ``z [n, V]`` (consumed: overwritten, the caller must not use it again), int64 labels
     ``[n]`` in ``[0, V)``, fp32 ``bias [V]`` or None -> (:class:`ChunkStats`, :class:`GradState`).
 
     The transform ``T(x) = softcap * tanh(scale * x / softcap) / temperature`` (without softcap
-    ``scale * x / temperature``) is applied in place.
+    ``scale * x / temperature``) is applied in place. ``p_out``: an fp32 ``[n, V]`` buffer
+    (not ``z``) to write the probabilities into; reusing one buffer across chunks saves the
+    page faults of a fresh allocation, which cost as much as the softmax itself on CPU.
     """
     if bias is not None:
         z += bias
@@ -92,7 +95,10 @@ def forward_stats_(
     # softmax, not exp_: torch's elementwise exp takes a slow path (10-30x) for arguments below
     # about -87 (results in or below the subnormal range), which peaked logits produce for most
     # of the vocabulary; the softmax kernel's own vectorised exp does not.
-    p = torch.softmax(z_rel, dim=-1)
+    if p_out is None:
+        p = torch.softmax(z_rel, dim=-1)
+    else:
+        p = torch.ops.aten._softmax.out(z_rel, -1, False, out=p_out)
     # p at the arg-max is exp(0) / s1 = 1 / s1 >= 1 / V: log s1 without another pass or underflow.
     log_s1 = p.gather(1, argmax[:, None]).squeeze(1).log_().neg_()
     entropy = None

@@ -176,15 +176,27 @@ class _SinglePass(torch.autograd.Function):
                 pred_seq[lo:hi], pred_plain[lo:hi] = gs[lo:hi], gp[lo:hi]
             return gs, gp
 
-        for i0, i1 in _groups(counts, b, max_tokens):
+        groups = _groups(counts, b, max_tokens)
+        sizes = [starts[i1] - starts[i0] + starts[b + i1] - starts[b + i0] for i0, i1 in groups]
+        rows = min(max(sizes, default=0), max_tokens)
+        # Two [rows, V] workspaces reused by every chunk (logits, probabilities / dz): a fresh
+        # allocation per chunk costs its page faults, as much as a pass over the block on CPU.
+        z_buf = torch.empty((rows, vocab), **f32)
+        p_buf = torch.empty((rows, vocab), **f32)
+
+        def logits(idx: Tensor) -> Tensor:
+            return torch.mm(hidden[idx].float(), w32.T, out=z_buf[: idx.numel()])
+
+        for i0, i1 in groups:
             pos = torch.cat([kept[starts[i0]:starts[i1]], kept[starts[b + i0]:starts[b + i1]]])
             if pos.numel() == 0:
                 continue
             if pos.numel() <= max_tokens:
                 stats, state = epi.forward_stats_(
-                    torch.mm(hidden[pos].float(), w32.T), plan.labels[pos], bias=b32,
+                    logits(pos), plan.labels[pos], bias=b32,
                     logit_scale=plan.logit_scale, softcap=plan.softcap, temperature=plan.temperature,
-                    with_entropy=plan.with_entropy, with_stats=plan.with_stats or plan.need_plain)
+                    with_entropy=plan.with_entropy, with_stats=plan.with_stats or plan.need_plain,
+                    p_out=p_buf[: pos.numel()])
                 record(pos, stats)
                 if not any_grad:
                     continue
@@ -204,16 +216,17 @@ class _SinglePass(torch.autograd.Function):
                 for lo in range(0, pos.numel(), max_tokens):
                     sub = pos[lo:lo + max_tokens]
                     stats, state = epi.forward_stats_(
-                        torch.mm(hidden[sub].float(), w32.T), plan.labels[sub], bias=b32,
+                        logits(sub), plan.labels[sub], bias=b32,
                         logit_scale=plan.logit_scale, softcap=plan.softcap,
                         temperature=plan.temperature, with_entropy=plan.with_entropy,
-                        with_stats=plan.with_stats or plan.need_plain)
+                        with_stats=plan.with_stats or plan.need_plain, p_out=p_buf[: sub.numel()])
                     del state
                     record(sub, stats)
                 if any_grad:
                     predicted(i0, i1)
                     deferred.append(pos)
 
+        del z_buf, p_buf
         if deferred and any_grad:
             pos = torch.cat(deferred)
             ids = plan.seq_ids[pos]
