@@ -16,7 +16,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import bench, check, model, train
+    from .commands import bench, check, model, train, tune
 
     parser = argparse.ArgumentParser(
         prog="apo-kernels",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"apo-kernels {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, check, bench, model):
+    for module in (train, check, bench, model, tune):
         module.register(subparsers)
     try:
         from .clair import cli as clair_cli

@@ -36,8 +36,12 @@ from torch import Tensor, nn
 
 from .losses import _normalise_loss_types, _validate_params, preference_loss, preference_rewards
 from .ops import LinearLogprobsOutput, linear_logprobs
-from .ops.checks import check_linear_inputs, check_options, check_same_dtype, check_transform
+from .ops.backend import resolve_backend
+from .ops.checks import (
+    check_label_values, check_linear_inputs, check_options, check_same_dtype, check_transform,
+)
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
+from .ops.preference_single_pass import SinglePassPlan, single_pass_sequence_logps
 from .sequence import (
     REDUCTIONS,
     _check_ld_alpha,
@@ -262,25 +266,175 @@ def fused_linear_preference_loss(
         filter_eps=filter_eps, deterministic=deterministic, backend=backend,
     )
     want_stats = compute_metrics or use_weighting
-    out = linear_logprobs(
-        hidden, weight, labels, bias, return_entropy=compute_metrics, return_stats=want_stats, **op_kwargs
-    )
-    tok = out.logprobs if isinstance(out, LinearLogprobsOutput) else out
-    ref_tok = None
-    if has_ref_hidden:
-        with torch.no_grad():
-            # Without its own head, the reference shares the policy's whole head, bias included.
-            rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
-            ref_tok = linear_logprobs(
-                ref_hidden.detach(), rw.detach(), labels, None if rb is None else rb.detach(), **op_kwargs
-            )
-
     # Per-token weights: completion mask x LD-DPO factor (/ length for "mean").
     w, lengths = completion_token_weights(
         mask, layout.seq_ids, num_seqs=layout.num_seqs, reduction=reduction, ld_alpha=ld_alpha
     )
     plain = reduction == "sum" and ld_alpha is None  # w == mask: the op already wrote 0 there
+    single = _single_pass_applies(hidden, weight, bias, types, backend)
 
+    ref_tok = ref_seq_sums = None
+    if has_ref_hidden:
+        with torch.no_grad():
+            # Without its own head, the reference shares the policy's whole head, bias included.
+            # Forward-only, and first: the policy's single pass needs the reference sums.
+            rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+            rb = None if rb is None else rb.detach()
+            if single:  # the same chunks of whole pairs, no gradient: one GEMM per chunk
+                ref_seq_sums = _pair_chunk_sums(
+                    ref_hidden.detach(), rw.detach(), rb, labels, layout, w, ignore_index=ignore_index,
+                    temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+            else:
+                ref_tok = linear_logprobs(ref_hidden.detach(), rw.detach(), labels, rb, **op_kwargs)
+
+    if single:
+        seq_ref = (
+            ref_seq_sums if ref_seq_sums is not None
+            else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
+        )
+        loss_kw = dict(
+            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], discopop_tau=discopop_tau,
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        )
+        sp = _single_pass(
+            hidden, weight, labels, bias, layout, w, seq_ref, lengths, types, loss_kw,
+            use_weighting=use_weighting, sft_plain=not plain and "sft" in types,
+            compute_metrics=compute_metrics, want_stats=want_stats, ignore_index=ignore_index,
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap, filter_eps=filter_eps,
+            backend=backend,
+        )
+        seq, losses = sp.seq, sp.losses
+        out, tok = sp.out, sp.out.logprobs
+    else:
+        out = linear_logprobs(
+            hidden, weight, labels, bias, return_entropy=compute_metrics, return_stats=want_stats, **op_kwargs
+        )
+        tok = out.logprobs if isinstance(out, LinearLogprobsOutput) else out
+        seq, seq_ref, losses = _losses_from_tokens(
+            tok, out, ref_tok, ref_chosen_logps, ref_rejected_logps, w, lengths, mask, layout, plain,
+            types, backend, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+            loss_weights=loss_weights, discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=use_weighting,
+        )
+
+    metrics: dict[str, Tensor] = {}
+    if compute_metrics:
+        metrics = _metrics(out, tok, mask, layout, seq, seq_ref, b, beta)
+    return PreferenceLossOutput(
+        loss=losses.mean(), losses=losses, chosen_logps=seq[:b], rejected_logps=seq[b:],
+        ref_chosen_logps=seq_ref[:b].detach(), ref_rejected_logps=seq_ref[b:].detach(), metrics=metrics,
+    )
+
+
+#: Losses whose gradient for one pair depends on the other pairs' log-probs (they sort over the
+#: batch): their gradients cannot be formed chunk by chunk, so they take the recompute path.
+NON_SEPARABLE_LOSS_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+
+
+def _single_pass_applies(hidden: Tensor, weight: Tensor, bias: Tensor | None, types: list[str], backend: str) -> bool:
+    """The single pass (gradients formed in the forward) runs on the chunked torch strategy, when
+    a gradient is wanted and every loss is separable across pairs."""
+    if not torch.is_grad_enabled():
+        return False
+    if not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return False
+    if NON_SEPARABLE_LOSS_TYPES.intersection(types):
+        return False
+    if backend not in ("auto", "torch", "triton"):
+        return False  # linear_logprobs names the bad value
+    shape = (hidden.dtype, hidden.shape[-1], weight.shape[0], hidden.numel() // max(1, hidden.shape[-1]))
+    return resolve_backend(backend, hidden.device, shape=shape) == "torch"
+
+
+def _pair_chunk_inputs(hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature):
+    """Checked inputs of the pair-chunk pass: (hidden, weight) cast like a matmul under
+    autocast, flat int64 labels and per-position sequence ids."""
+    check_linear_inputs(hidden, weight, labels, bias)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as linear_logprobs: a matmul's casts
+        cast_to = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+    check_same_dtype(hidden, weight)
+    check_transform(logit_scale, softcap, temperature)
+    flat_labels = labels.reshape(-1).long()
+    check_label_values(flat_labels, (flat_labels != ignore_index).nonzero().squeeze(1), weight.shape[0])
+    if layout.packed:
+        seq_ids = layout.seq_ids
+    else:
+        seq_ids = torch.arange(layout.num_seqs, device=labels.device).repeat_interleave(labels.shape[1])
+    return hidden, weight, flat_labels, seq_ids
+
+
+def _pair_chunk_sums(hidden, weight, bias, labels, layout, w, *, ignore_index, temperature, logit_scale,
+                     softcap) -> Tensor:
+    """Forward-only weighted sequence sums ``[2B]`` (the reference), by chunks of whole pairs."""
+    hidden, weight, flat_labels, seq_ids = _pair_chunk_inputs(
+        hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature)
+    plan = SinglePassPlan(
+        labels=flat_labels, seq_ids=seq_ids, num_seqs=layout.num_seqs, token_weights=w.reshape(-1).float(),
+        loss_fn=None, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap), temperature=float(temperature),
+    )
+    return single_pass_sequence_logps(hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan)["seq"]
+
+
+@dataclass
+class _SinglePassResult:
+    seq: Tensor
+    losses: Tensor
+    out: LinearLogprobsOutput
+
+
+def _single_pass(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, layout: _Layout, w: Tensor,
+    seq_ref: Tensor, lengths: Tensor, types: list[str], loss_kw: dict, *, use_weighting: bool,
+    sft_plain: bool, compute_metrics: bool, want_stats: bool, ignore_index: int, temperature: float,
+    logit_scale: float, softcap: float | None, filter_eps: object, backend: str,
+) -> _SinglePassResult:
+    """Policy log-probs, sequence sums, per-pair losses, with dH/dW formed in the same pass."""
+    hidden, weight, flat_labels, seq_ids = _pair_chunk_inputs(
+        hidden, weight, labels, bias, layout, ignore_index, logit_scale, softcap, temperature)
+    check_options(ignore_index, filter_eps, backend)
+    b = layout.num_seqs // 2
+    need_plain = use_weighting or sft_plain
+    len_f = lengths.clamp(min=1).float()
+
+    def loss_fn(seq: Tensor, plain_sums: Tensor, lsp2: Tensor) -> Tensor:
+        pair_weights = None
+        if use_weighting:  # WPO (TRL): exp(mean over the completion of logp - log sum p^2), no grad
+            ws = torch.exp((plain_sums.detach() - lsp2) / len_f)
+            pair_weights = ws[:b] * ws[b:]
+        return preference_loss(
+            seq[:b], seq[b:], seq_ref[:b], seq_ref[b:], pair_weights=pair_weights,
+            sft_chosen_logps=plain_sums[:b] if sft_plain else None, **loss_kw,
+        )
+
+    plan = SinglePassPlan(
+        labels=flat_labels, seq_ids=seq_ids, num_seqs=layout.num_seqs, token_weights=w.reshape(-1).float(),
+        loss_fn=loss_fn, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap), temperature=float(temperature),
+        with_entropy=compute_metrics, with_stats=want_stats, need_plain=need_plain,
+    )
+    sp = single_pass_sequence_logps(hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan)
+    losses = loss_fn(sp["seq"], sp["plain"], sp["lsp2"])
+    shape = labels.shape
+
+    def view(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.view(shape)
+
+    out = LinearLogprobsOutput(view(sp["logp"]), view(sp["entropy"]), view(sp["mean_logit"]),
+                               view(sp["is_top1"]), view(sp["log_sum_p2"]))
+    return _SinglePassResult(sp["seq"], losses, out)
+
+
+def _losses_from_tokens(
+    tok, out, ref_tok, ref_chosen_logps, ref_rejected_logps, w, lengths, mask, layout, plain, types,
+    backend, *, loss_type, beta, label_smoothing, loss_weights, discopop_tau, f_divergence_type,
+    f_alpha_divergence_coef, use_weighting,
+):
+    """The recompute path: per-token log-probs from the op -> sums -> losses (autograd)."""
+    b = layout.num_seqs // 2
     fused_head = (
         len(types) == 1 and types[0] in HEAD_LOSS_TYPES and f_divergence_type == "reverse_kl"
         and not use_weighting
@@ -296,34 +450,26 @@ def fused_linear_preference_loss(
             beta=beta,
             backend=backend,  # "auto": the Triton head on CUDA, the torch formulas elsewhere
         )
-        losses, seq, seq_ref = head.losses, head.logps, head.ref_logps
-    else:
-        seq = _segment_sums(tok, w, layout)
-        seq_ref = (
-            _segment_sums(ref_tok, w, layout) if ref_tok is not None
-            else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
-        )
-        sft_logps = None
-        if not plain and "sft" in types:
-            sft_logps = _segment_sums(tok, mask.float(), layout)[:b]
-        pair_weights = None
-        if use_weighting:
-            pair_weights = wpo_pair_weights(tok, out.log_sum_p2, mask, layout.seq_ids, num_seqs=layout.num_seqs)
-        losses = preference_loss(
-            seq[:b], seq[b:], seq_ref[:b], seq_ref[b:], loss_type=loss_type, beta=beta,
-            label_smoothing=label_smoothing, loss_weights=loss_weights, chosen_lengths=lengths[:b],
-            rejected_lengths=lengths[b:], discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, pair_weights=pair_weights,
-            sft_chosen_logps=sft_logps,
-        )
-
-    metrics: dict[str, Tensor] = {}
-    if compute_metrics:
-        metrics = _metrics(out, tok, mask, layout, seq, seq_ref, b, beta)
-    return PreferenceLossOutput(
-        loss=losses.mean(), losses=losses, chosen_logps=seq[:b], rejected_logps=seq[b:],
-        ref_chosen_logps=seq_ref[:b].detach(), ref_rejected_logps=seq_ref[b:].detach(), metrics=metrics,
+        return head.logps, head.ref_logps, head.losses
+    seq = _segment_sums(tok, w, layout)
+    seq_ref = (
+        _segment_sums(ref_tok, w, layout) if ref_tok is not None
+        else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
     )
+    sft_logps = None
+    if not plain and "sft" in types:
+        sft_logps = _segment_sums(tok, mask.float(), layout)[:b]
+    pair_weights = None
+    if use_weighting:
+        pair_weights = wpo_pair_weights(tok, out.log_sum_p2, mask, layout.seq_ids, num_seqs=layout.num_seqs)
+    losses = preference_loss(
+        seq[:b], seq[b:], seq_ref[:b], seq_ref[b:], loss_type=loss_type, beta=beta,
+        label_smoothing=label_smoothing, loss_weights=loss_weights, chosen_lengths=lengths[:b],
+        rejected_lengths=lengths[b:], discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, pair_weights=pair_weights,
+        sft_chosen_logps=sft_logps,
+    )
+    return seq, seq_ref, losses
 
 
 def _metrics(

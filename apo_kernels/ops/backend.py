@@ -17,12 +17,31 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, *, auto_allows_triton: bool = True) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA when triton imports (and ``auto_allows_triton``),
-    else ``"torch"``. An explicit ``"triton"`` is checked: it needs triton, and CUDA tensors
-    unless the interpreter is on (TRITON_INTERPRET=1 set before triton was imported)."""
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    *,
+    auto_allows_triton: bool = True,
+    shape: tuple[torch.dtype, int, int, int] | None = None,
+) -> str:
+    """``"auto"`` -> on CUDA (when triton imports and ``auto_allows_triton``): with ``shape =
+    (dtype, D, V, N)`` the strategy timed fastest on this GPU for that shape, after the kernels
+    passed their first-use self-check (:mod:`apo_kernels.ops.autotune`, cached on disk); without
+    ``shape``, ``"triton"``. Elsewhere ``"torch"``. An explicit ``"triton"`` is checked: it needs
+    triton, and CUDA tensors unless the interpreter is on (TRITON_INTERPRET=1 set before triton
+    was imported)."""
     if backend == "auto":
-        use = auto_allows_triton and device.type == "cuda" and triton_available()
+        if not auto_allows_triton:
+            return "torch"
+        if shape is not None:
+            from . import autotune
+
+            kind, _name = autotune.device_key_fn()(device)
+            if kind != "cuda" or not triton_available():
+                return "torch"
+            dtype, d, v, n = shape
+            return autotune.choose_backend(device, dtype, d, v, n)
+        use = device.type == "cuda" and triton_available()
         return "triton" if use else "torch"
     if backend == "triton":
         if not triton_available():

@@ -297,7 +297,8 @@ def linear_logprobs(
     check_same_dtype(hidden, weight)
     check_transform(logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
-    resolved = resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device, shape=(
+        hidden.dtype, hidden.shape[-1], weight.shape[0], labels.numel()))
     eps = reference.default_filter_eps(hidden.dtype) if filter_eps == "auto" else filter_eps
 
     shape = labels.shape
