@@ -212,7 +212,7 @@ def triton_forward(
     V = weight.shape[0]
     cfg = forward_config(hidden.dtype, heavy=with_entropy or with_stats)
     h_c = compact_rows(hidden, rows)
-    labels_c = compact_rows(labels, rows)
+    labels_c = aligned(compact_rows(labels, rows), "labels")
     # The compiled fast path assumes aligned operands with D a multiple of 16 (fast_path): an
     # input that breaks it is copied or zero-padded (logged at debug level), never run slow.
     h_c, weight, D = gemm_operands(h_c, weight)
