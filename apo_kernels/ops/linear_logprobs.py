@@ -22,6 +22,7 @@ from .checks import (
     check_transform,
 )
 from .logprobs_passes import backward_pass, forward_pass, tile_max_buffer
+from .vocab_parallel import resolve_dtensor_inputs, vocab_parallel_logprobs
 
 
 class LinearLogprobsOutput(NamedTuple):
@@ -187,6 +188,7 @@ def linear_logprobs(
     filter_eps: float | str | None = "auto",
     deterministic: bool = False,
     backend: str = "auto",
+    vocab_parallel_group: object = None,
 ) -> Tensor | LinearLogprobsOutput:
     """Per-token ``log softmax(T(hidden @ weight.T + bias))[labels]`` without ``[N, V]`` logits.
 
@@ -215,6 +217,15 @@ def linear_logprobs(
             backends that may need it.
         backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
             or ``"auto"``.
+        vocab_parallel_group: a ``torch.distributed`` process group over which the head is
+            split by rows (Megatron's vocabulary parallelism): ``weight [V_r, D]`` / ``bias
+            [V_r]`` are this rank's contiguous rows of the full head, in group-rank order
+            (uneven shards allowed); ``labels`` are global ids in ``[0, sum V_r)``; ``hidden``
+            and ``labels`` must be the same on every rank (checked: a clear error otherwise).
+            Every rank gets the full outputs, the full ``dH`` and its own shard's ``dW``/``db``.
+            A ``DTensor`` weight placed ``Shard(0)`` on a 1-D mesh selects this by itself (its
+            mesh's group; gradients come back as DTensors); other DTensor layouts raise. See
+            ``apo_kernels/ops/vocab_parallel.py`` and docs/vocab_parallel.md.
 
     Returns:
         fp32 log-probs shaped like ``labels`` when no extras are requested, else a
@@ -222,6 +233,17 @@ def linear_logprobs(
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, like a matmul.
     """
+    hidden, weight, bias, vocab_parallel_group = resolve_dtensor_inputs(
+        hidden, weight, bias, vocab_parallel_group)
+    if vocab_parallel_group is not None:
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
+        parts = vocab_parallel_logprobs(
+            hidden, weight, labels, bias, vocab_parallel_group, ignore_index=ignore_index,
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            return_entropy=return_entropy, return_stats=return_stats, filter_eps=filter_eps,
+            deterministic=deterministic, backend=backend)
+        return LinearLogprobsOutput(*parts) if return_entropy or return_stats else parts[0]
     check_linear_inputs(hidden, weight, labels, bias)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
