@@ -388,7 +388,10 @@ def vocab_parallel_logprobs(
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = labels.reshape(-1).long()
         needs_grad = torch.is_grad_enabled() and flat_hidden.requires_grad
-    shards = _agree(group, flat_hidden, flat_labels, weight.shape[0], error, hidden.device,
+    tensors = [t for t in (hidden, weight) if isinstance(t, Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    vocab_r = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
+    shards = _agree(group, flat_hidden, flat_labels, vocab_r, error, device,
                     needs_grad, int(bool(return_entropy)) + 2 * int(bool(return_stats)),
                     (float(logit_scale), -1.0 if softcap is None else float(softcap),
                      float(temperature), float(ignore_index)))
