@@ -42,6 +42,7 @@ from .ops.checks import (
 )
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .ops.preference_single_pass import SinglePassPlan, single_pass_sequence_logps
+from .ops.vocab_parallel import resolve_dtensor_inputs
 from .sequence import (
     REDUCTIONS,
     _check_ld_alpha,
@@ -189,6 +190,7 @@ def fused_linear_preference_loss(
     filter_eps: float | str | None = "auto",
     deterministic: bool = False,
     backend: str = "auto",
+    vocab_parallel_group: object = None,
 ) -> PreferenceLossOutput:
     """Preference loss from hidden states, never materialising ``[tokens, vocab]``.
 
@@ -215,6 +217,11 @@ def fused_linear_preference_loss(
             in the same pass over the vocabulary).
         filter_eps, deterministic, backend: passed to ``linear_logprobs``; ``backend`` also
             picks the loss head's backend.
+        vocab_parallel_group: the head is split by rows across this process group (see
+            ``linear_logprobs``): ``weight``/``bias`` and ``ref_weight``/``ref_bias`` are this
+            rank's rows, ``hidden``, ``ref_hidden`` and ``labels`` the same on every rank. A
+            ``DTensor`` head placed ``Shard(0)`` on a 1-D mesh selects this by itself. Every
+            rank gets the full loss and metrics (and the full ``dH``, its own ``dW``).
 
     Returns:
         :class:`PreferenceLossOutput`.
@@ -226,6 +233,16 @@ def fused_linear_preference_loss(
     _check_ld_alpha(ld_alpha)
     check_transform(logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
+    # DTensor inputs -> local shards + the vocabulary-parallel group (None: one process).
+    hidden, weight, bias, group = resolve_dtensor_inputs(hidden, weight, bias, vocab_parallel_group)
+    ref_group = group
+    if ref_hidden is not None:
+        names = ("ref_hidden", "ref_weight", "ref_bias")
+        if ref_weight is None:  # the policy's head (already local), only ref_hidden to resolve
+            ref_hidden = resolve_dtensor_inputs(ref_hidden, weight, None, None, names)[0]
+        else:
+            ref_hidden, ref_weight, ref_bias, ref_group = resolve_dtensor_inputs(
+                ref_hidden, ref_weight, ref_bias, vocab_parallel_group, names)
     hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
     b = layout.num_seqs // 2
 
@@ -271,7 +288,9 @@ def fused_linear_preference_loss(
         mask, layout.seq_ids, num_seqs=layout.num_seqs, reduction=reduction, ld_alpha=ld_alpha
     )
     plain = reduction == "sum" and ld_alpha is None  # w == mask: the op already wrote 0 there
-    single = _single_pass_applies(hidden, weight, bias, types, backend)
+    # The single pass forms gradients per chunk of whole pairs over the whole vocabulary: a
+    # vocabulary shard goes through the vocabulary-parallel op and the loss formulas instead.
+    single = group is None and ref_group is None and _single_pass_applies(hidden, weight, bias, types, backend)
 
     ref_tok = ref_seq_sums = None
     if has_ref_hidden:
@@ -285,7 +304,8 @@ def fused_linear_preference_loss(
                     ref_hidden.detach(), rw.detach(), rb, labels, layout, w, ignore_index=ignore_index,
                     temperature=temperature, logit_scale=logit_scale, softcap=softcap)
             else:
-                ref_tok = linear_logprobs(ref_hidden.detach(), rw.detach(), labels, rb, **op_kwargs)
+                ref_tok = linear_logprobs(ref_hidden.detach(), rw.detach(), labels, rb,
+                                          vocab_parallel_group=ref_group, **op_kwargs)
 
     if single:
         seq_ref = (
@@ -308,7 +328,8 @@ def fused_linear_preference_loss(
         out, tok = sp.out, sp.out.logprobs
     else:
         out = linear_logprobs(
-            hidden, weight, labels, bias, return_entropy=compute_metrics, return_stats=want_stats, **op_kwargs
+            hidden, weight, labels, bias, return_entropy=compute_metrics, return_stats=want_stats,
+            vocab_parallel_group=group, **op_kwargs
         )
         tok = out.logprobs if isinstance(out, LinearLogprobsOutput) else out
         seq, seq_ref, losses = _losses_from_tokens(
@@ -532,6 +553,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         filter_eps: float | str | None = "auto",
         deterministic: bool = False,
         backend: str = "auto",
+        vocab_parallel_group: object = None,
     ) -> None:
         super().__init__()
         types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
@@ -549,6 +571,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             use_weighting=use_weighting, ignore_index=ignore_index, temperature=temperature,
             logit_scale=logit_scale, softcap=softcap, compute_metrics=compute_metrics,
             filter_eps=filter_eps, deterministic=deterministic, backend=backend,
+            vocab_parallel_group=vocab_parallel_group,
         )
 
     def forward(

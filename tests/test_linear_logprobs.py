@@ -177,10 +177,10 @@ def test_preskip_from_forward_tile_max_is_exact_and_skips_recomputes(dtype):
 def test_public_call_records_tile_max_only_when_a_filtered_backward_will_run(monkeypatch):
     import sys
 
-    op = sys.modules["apo_kernels.ops.linear_logprobs"]  # the module, not the function
+    op = sys.modules["apo_kernels.ops.logprobs_passes"]  # the forward's buffers live there
     seen = []
-    real = op._tile_max_buffer
-    monkeypatch.setattr(op, "_tile_max_buffer", lambda h, n, v, record: seen.append(record) or real(h, n, v, record))
+    real = op.tile_max_buffer
+    monkeypatch.setattr(op, "tile_max_buffer", lambda h, n, v, record: seen.append(record) or real(h, n, v, record))
     hidden, weight, labels, _ = make_inputs(20, 16, 100, torch.bfloat16)
     linear_logprobs(hidden, weight, labels, backend="triton")                     # no grad needed
     linear_logprobs(hidden.requires_grad_(), weight, labels, backend="triton")    # filtered backward

@@ -138,7 +138,9 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
 
     Tied embeddings need nothing special: the head's weight is the input embedding's parameter,
     so its gradient accumulates in one place. With FSDP2 the head's parameters are DTensors;
-    ``gather=True`` returns their full (differentiable) tensors, gathered once per call.
+    ``gather=True`` returns their full (differentiable) tensors, gathered once per call. A
+    tensor-parallel head (DTensor ``Shard(0)`` on a 1-D mesh, no FSDP in the model) is returned
+    sharded: ``linear_logprobs`` runs vocabulary-parallel on it.
 
     Raises:
         ValueError: the model has no output embedding, or a head this module cannot read.
@@ -165,9 +167,23 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     bias = getattr(head, "bias", None)
     if not isinstance(bias, Tensor):
         bias = None
-    if gather:
+    if gather and not _tensor_parallel_head(model, weight):
         weight, bias = _full_tensor(weight), _full_tensor(bias)
     return weight, bias
+
+
+def _tensor_parallel_head(model: nn.Module, weight: Tensor) -> bool:
+    """A vocabulary-parallel head (tensor parallelism, e.g. ``ColwiseParallel`` on lm_head):
+    weight a DTensor ``Shard(0)`` on a 1-D mesh in a model without FSDP. Kept sharded:
+    ``linear_logprobs`` takes it as is (vocabulary-parallel). Under FSDP2 the same layout is
+    FSDP's own sharding of the parameter and is gathered as before."""
+    from ..ops.vocab_parallel import is_vocab_sharded
+
+    if not is_vocab_sharded(weight):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _full_tensor(t: Tensor | None) -> Tensor | None:

@@ -500,9 +500,13 @@ def _launch_backward(
         before, after = skips.tolist()
         skip_stats.record(total_tiles, before, after)
     if residual:
-        order, end = _label_runs(labels_c)
+        # A label outside [0, V) (a vocabulary shard's token whose label another shard holds)
+        # has no label entry here, so its residual is 0 (never written): clamped into range,
+        # the kernel adds exactly 0 to a real row instead of touching memory past W and dW.
+        res_labels = labels_c.clamp(0, V - 1)
+        order, end = _label_runs(res_labels)
         _label_residual_kernel[(num_rows,)](
-            h_c, weight, order, end, labels_c, res,
+            h_c, weight, order, end, res_labels, res,
             dh_c if grad_hidden is not None else dummy,
             grad_weight if grad_weight is not None else dummy,
             grad_bias if grad_bias is not None else dummy,

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, overload, Literal
 import torch
 from torch import Tensor
 
-from .. import chunked, reference
+from .. import reference
 from .backend import resolve_backend
 from .checks import (
     check_label_values,
@@ -21,6 +21,8 @@ from .checks import (
     check_same_dtype,
     check_transform,
 )
+from .logprobs_passes import backward_pass, forward_pass, tile_max_buffer
+from .vocab_parallel import resolve_dtensor_inputs, vocab_parallel_logprobs
 
 
 class LinearLogprobsOutput(NamedTuple):
@@ -48,17 +50,6 @@ def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
 _EMPTY = (0,)
 
 
-def _run_forward(backend, hidden, weight, bias, labels, rows, outputs, **kwargs) -> None:
-    # Autocast must not re-cast inside: the wrapper already chose the compute dtype.
-    with torch.autocast(hidden.device.type, enabled=False):
-        if backend == "triton":
-            from ..kernels.linear_logprobs_fwd import triton_forward
-
-            triton_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
-        else:
-            chunked.chunked_forward(hidden, weight, bias, labels, rows, outputs=outputs, **kwargs)
-
-
 @torch.library.custom_op("apo_kernels::linear_logprobs_fwd", mutates_args=())
 def _forward_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
@@ -72,32 +63,13 @@ def _forward_op(
     ``[N, tiles]`` (``record_tile_max``, for the backward's pre-skip; row i holds the i-th kept
     token, compacted order, rows past the kept count unused); optional ones are empty
     ``[0]`` when not asked for. ``filter_eps``/``deterministic`` are carried for the backward."""
-    n = labels.shape[0]
-    vocab = weight.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    # Uninitialised on purpose: the backends write every kept row, the ignored rows are zeroed
-    # below, and tests poison torch.empty with NaN so a row left unwritten fails loudly.
-    # Separate allocations (stacked below): a view norm[1] would start 4n bytes in, not
-    # 16-byte aligned for odd n, and the kernels' fast path wants aligned pointers.
-    outputs = {"logp": torch.empty(n, **f32), "row_max": torch.empty(n, **f32),
-               "log_norm": torch.empty(n, **f32)}
-    if with_entropy:
-        outputs["entropy"] = torch.empty(n, **f32)
-    if with_stats:
-        outputs["mean_logit"] = torch.empty(n, **f32)
-        outputs["is_top1"] = torch.empty(n, device=hidden.device, dtype=torch.int8)
-        outputs["log_sum_p2"] = torch.empty(n, **f32)
     ignored = labels == ignore_index
     rows = (~ignored).nonzero().squeeze(1)
-    check_label_values(labels, rows, vocab)
-    tile_max = _tile_max_buffer(hidden, n, vocab, record_tile_max)
-    if rows.numel() > 0:
-        extra = {"tile_max": tile_max} if record_tile_max else {}
-        _run_forward(backend, hidden, weight, bias, labels, rows, outputs, logit_scale=logit_scale,
-                     softcap=softcap, temperature=temperature, with_entropy=with_entropy,
-                     with_stats=with_stats, **extra)
-    for out in outputs.values():  # [N] each
-        out.masked_fill_(ignored, 0)
+    check_label_values(labels, rows, weight.shape[0])
+    outputs, tile_max = forward_pass(
+        hidden, weight, bias, labels, rows, ignored, backend=backend, logit_scale=logit_scale,
+        softcap=softcap, temperature=temperature, with_entropy=with_entropy,
+        with_stats=with_stats, record_tile_max=record_tile_max)
     norm = torch.stack((outputs["row_max"], outputs["log_norm"]))
 
     def present(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -110,16 +82,6 @@ def _forward_op(
             present("is_top1", torch.bool), present("log_sum_p2"), tile_max)
 
 
-def _tile_max_buffer(hidden: Tensor, n: int, vocab: int, record: bool) -> Tensor:
-    """``[N, tiles]`` fp32; the first M rows receive the M kept tokens in compacted order (the
-    backward reads only those; the shape must not depend on M for the fake op)."""
-    if not record:
-        return hidden.new_empty(_EMPTY, dtype=torch.float32)
-    from ..kernels.linear_logprobs_fwd import tile_max_columns
-
-    return hidden.new_empty((n, tile_max_columns(vocab, hidden.dtype)), dtype=torch.float32)
-
-
 @_forward_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperature,
       with_entropy, with_stats, backend, filter_eps, deterministic, record_tile_max):
@@ -130,7 +92,7 @@ def _(hidden, weight, labels, bias, ignore_index, logit_scale, softcap, temperat
 
     return (sized(True), hidden.new_empty((2, n), dtype=torch.float32), sized(with_entropy),
             sized(with_stats), sized(with_stats, torch.bool), sized(with_stats),
-            _tile_max_buffer(hidden, n, weight.shape[0], record_tile_max))
+            tile_max_buffer(hidden, n, weight.shape[0], record_tile_max))
 
 
 @torch.library.custom_op("apo_kernels::linear_logprobs_bwd", mutates_args=())
@@ -144,38 +106,12 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` in the input dtypes
     (empty ``[0]`` where not needed), accumulated in fp32."""
-    rows = _kept_rows(labels, ignore_index)
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    grad_hidden = torch.zeros(hidden.shape, **f32) if needs_hidden else None
-    # The chunked strategy writes each dW block once, accumulated in fp32 by the GEMM, so it
-    # needs no parameter-sized fp32 accumulator for 16-bit weights; the Triton kernels add
-    # tile by tile and do. It also writes every row of dW, so it needs no zero fill.
-    is_chunked = backend != "triton"
-    dw_alloc = torch.empty if is_chunked and rows.numel() > 0 else torch.zeros
-    grad_weight = (dw_alloc(weight.shape, device=weight.device,
-                            dtype=weight.dtype if is_chunked else torch.float32)
-                   if needs_weight else None)
-    grad_bias = torch.zeros(weight.shape[0], **f32) if needs_bias else None
-    if rows.numel() > 0:
-        grad_logp = grad_logp.float().contiguous()
-        expected_logit = None
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.float().contiguous()
-            expected_logit = norm[1] - entropy  # E_p[z] - m = log s1 - H
-        # norm[1] starts 4N bytes in: an [N] copy keeps the kernels' pointers 16-byte aligned.
-        log_norm = norm[1] if norm[1].data_ptr() % 16 == 0 else norm[1].clone()
-        args = (hidden, weight, bias, labels, rows, norm[0], log_norm, grad_logp, expected_logit,
-                grad_entropy)
-        kwargs = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature,
-                      grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
-        with torch.autocast(hidden.device.type, enabled=False):
-            if backend == "triton":
-                from ..kernels.linear_logprobs_bwd import triton_backward
-
-                triton_backward(*args, filter_eps=filter_eps, deterministic=deterministic,
-                                tile_max=tile_max, **kwargs)
-            else:
-                chunked.chunked_backward(*args, **kwargs)
+    grad_hidden, grad_weight, grad_bias = backward_pass(
+        grad_logp, grad_entropy, hidden, weight, labels, bias, _kept_rows(labels, ignore_index),
+        norm[0], norm[1], entropy, tile_max, logit_scale=logit_scale, softcap=softcap,
+        temperature=temperature, backend=backend, filter_eps=filter_eps,
+        deterministic=deterministic, needs_hidden=needs_hidden, needs_weight=needs_weight,
+        needs_bias=needs_bias)
 
     def cast(t: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
         return t.to(like.dtype) if t is not None else hidden.new_empty(_EMPTY)
@@ -252,6 +188,7 @@ def linear_logprobs(
     filter_eps: float | str | None = "auto",
     deterministic: bool = False,
     backend: str = "auto",
+    vocab_parallel_group: object = None,
 ) -> Tensor | LinearLogprobsOutput:
     """Per-token ``log softmax(T(hidden @ weight.T + bias))[labels]`` without ``[N, V]`` logits.
 
@@ -280,6 +217,15 @@ def linear_logprobs(
             backends that may need it.
         backend: ``"triton"`` (default on CUDA), ``"torch"`` (chunked fallback, default on CPU)
             or ``"auto"``.
+        vocab_parallel_group: a ``torch.distributed`` process group over which the head is
+            split by rows (Megatron's vocabulary parallelism): ``weight [V_r, D]`` / ``bias
+            [V_r]`` are this rank's contiguous rows of the full head, in group-rank order
+            (uneven shards allowed); ``labels`` are global ids in ``[0, sum V_r)``; ``hidden``
+            and ``labels`` must be the same on every rank (checked: a clear error otherwise).
+            Every rank gets the full outputs, the full ``dH`` and its own shard's ``dW``/``db``.
+            A ``DTensor`` weight placed ``Shard(0)`` on a 1-D mesh selects this by itself (its
+            mesh's group; gradients come back as DTensors); other DTensor layouts raise. See
+            ``apo_kernels/ops/vocab_parallel.py`` and docs/vocab_parallel.md.
 
     Returns:
         fp32 log-probs shaped like ``labels`` when no extras are requested, else a
@@ -287,6 +233,17 @@ def linear_logprobs(
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, like a matmul.
     """
+    hidden, weight, bias, vocab_parallel_group = resolve_dtensor_inputs(
+        hidden, weight, bias, vocab_parallel_group)
+    if vocab_parallel_group is not None:
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
+        parts = vocab_parallel_logprobs(
+            hidden, weight, labels, bias, vocab_parallel_group, ignore_index=ignore_index,
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            return_entropy=return_entropy, return_stats=return_stats, filter_eps=filter_eps,
+            deterministic=deterministic, backend=backend)
+        return LinearLogprobsOutput(*parts) if return_entropy or return_stats else parts[0]
     check_linear_inputs(hidden, weight, labels, bias)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
