@@ -1,0 +1,215 @@
+"""Run our head op through the hooks of the module that manages the head's weight.
+
+A patched model never calls its ``lm_head`` module: the fused op reads ``lm_head.weight``
+directly. Under parameter sharding that is wrong whenever the weight belongs to a group whose
+hooks never ran. FSDP2 with ``fully_shard(lm_head)``: the weight is still a sharded ``DTensor``,
+and gathering it with ``full_tensor()`` gives the right forward but a gradient that never goes
+through FSDP's reduce-scatter (each rank keeps its own local-batch gradient: silently wrong).
+
+The fix is forward redirection: find the module whose hooks manage the weight (its *owner*),
+temporarily make the owner's ``forward`` our computation, and call the owner. Its pre-forward
+unshards the weight (and casts it under a mixed-precision policy), its post-forward reshards and
+registers the pre-backward unshard on our outputs, and its post-backward reduce-scatters our
+``dW`` exactly as for the module's own forward.
+
+Who the owner is depends on the wrapper; each wrapper is one *rule* in :data:`HEAD_OWNER_RULES`,
+``rule(model, head, weight) -> nn.Module | None``: the module to call, or None when the rule
+does not apply or the weight is usable as it is (already unsharded). A rule raises
+:class:`UnsupportedHeadLayout` for a layout it recognises but cannot make correct. Adding a
+wrapper (e.g. DeepSpeed ZeRO-3: "the weight has ``ds_id``: the owner is the head module") is
+one function appended to that list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = [
+    "HEAD_OWNER_RULES",
+    "UnsupportedHeadLayout",
+    "call_head",
+    "fsdp2_owner",
+    "head_owner",
+    "is_fsdp_managed",
+]
+
+OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
+HeadFn = Callable[..., Sequence["Tensor | None"]]
+
+
+class UnsupportedHeadLayout(ValueError):
+    """A sharding layout of the LM head whose gradient apo-kernels cannot make correct."""
+
+
+def _fsdp_states(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """``(module, FSDPState)`` for every FSDP2 module in ``model`` (each state once)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return []
+    seen: set[int] = set()
+    found = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            if id(state) not in seen:
+                seen.add(id(state))
+                found.append((module, state))
+    return found
+
+
+def _param_groups(state: Any) -> list[Any]:
+    # torch >= 2.10 has a list (per-parameter meshes); older releases one group or None.
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
+    """The FSDP2 state and ``FSDPParam`` that manage ``weight`` (sharded or unsharded), or None."""
+    for _module, state in _fsdp_states(model):
+        for group in _param_groups(state):
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if fsdp_param.sharded_param is weight or unsharded is weight:
+                    return state, fsdp_param
+    return None
+
+
+def is_fsdp_managed(model: nn.Module, weight: Tensor) -> bool:
+    """Whether ``weight`` is a parameter that an FSDP2 group inside ``model`` shards."""
+    return _managing_state(model, weight) is not None
+
+
+def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
+    """FSDP2 rule: the ``fully_shard`` module to call when ``weight`` is currently sharded.
+
+    None when no FSDP2 group manages the weight, or when it is unsharded now (its group's
+    pre-forward already ran: root / final-norm / embedding groups during the model's forward):
+    then the op reads the plain unsharded parameter and FSDP's post-backward reduce-scatters
+    its gradient as for any module's.
+
+    Raises:
+        UnsupportedHeadLayout: the weight is sharded and the group's hooks cannot be run for
+            the head alone (it belongs to a module whose forward is running, e.g. the root
+            called through its backbone only).
+    """
+    found = _managing_state(model, weight)
+    if found is None:
+        return None
+    state, fsdp_param = found
+    if fsdp_param.sharded_param is not weight:
+        return None  # unsharded now: the owner's hooks have run
+    modules = tuple(getattr(state, "_modules", ()))
+    info = fsdp_param._module_info
+    holders = [info.module, *getattr(info, "shared_modules", ())]
+    # Prefer the head itself (its group's hooks then see "the head ran"), else the module of the
+    # group that holds the parameter, when it is a leaf-like module we may call out of order.
+    candidates = [head] + [m for m in holders if m is not head]
+    for module in candidates:
+        if module in modules and not _is_ancestor(module, head):
+            return module
+    names = ", ".join(type(m).__name__ for m in modules) or "?"
+    raise UnsupportedHeadLayout(
+        f"the LM head weight is sharded by an FSDP2 group ({names}) whose hooks cannot be run "
+        "for the head alone (the group's module contains the running model, e.g. the root "
+        "called through its backbone only): call the model itself (`model(..., labels=...)`), "
+        "or wrap the head in its own group: fully_shard(model.lm_head) before fully_shard(model)"
+    )
+
+
+def _is_ancestor(module: nn.Module, head: nn.Module) -> bool:
+    return module is not head and any(m is head for m in module.modules())
+
+
+def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
+    """FSDP1 (``FullyShardedDataParallel`` wrappers): not supported when it shards the head."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return None
+    if isinstance(head, FullyShardedDataParallel) or (
+        weight.numel() == 0 and any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    ):
+        raise UnsupportedHeadLayout(
+            "FSDP1 (FullyShardedDataParallel) shards the LM head: its gradient would bypass "
+            "FSDP's reduce-scatter. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: "
+            "fsdp_version: 2), or keep the head in the root FSDP1 unit"
+        )
+    return None
+
+
+# Tried in order; the first to return a module decides. Other wrappers append their rule.
+HEAD_OWNER_RULES: list[OwnerRule] = [fsdp2_owner, _fsdp1_rule]
+
+
+def head_owner(model: nn.Module, head: nn.Module, weight: Tensor | None = None) -> nn.Module | None:
+    """The module to call so that its hooks make ``head``'s weight usable, or None (use it as is).
+
+    Args:
+        model: the module tree searched for wrappers (the patched model).
+        head: the output embedding module (``model.get_output_embeddings()``).
+        weight: its weight (default ``head.weight``).
+
+    Raises:
+        UnsupportedHeadLayout: a rule recognises the layout and cannot make it correct.
+    """
+    weight = head.weight if weight is None else weight
+    for rule in HEAD_OWNER_RULES:
+        owner = rule(model, head, weight)
+        if owner is not None:
+            return owner
+    return None
+
+
+def call_head(model: nn.Module, head: nn.Module, fn: HeadFn, *inputs: Tensor) -> tuple[Tensor | None, ...]:
+    """``fn(weight, bias, *inputs)``, run inside the hooks of the head weight's owner if needed.
+
+    Args:
+        model: searched for the owner (see :func:`head_owner`).
+        head: the output embedding module; ``fn`` receives its ``weight`` and ``bias`` (or None)
+            as they are while the owner's forward runs (unsharded, cast by a mixed-precision
+            policy).
+        fn: returns a tuple of tensors or None (None entries are carried around the hooks,
+            which only take tensors).
+        inputs: tensors passed through the owner's call (floating ones are cast by FSDP's
+            ``cast_forward_inputs``; those requiring grad anchor its post-backward hook).
+
+    Returns:
+        ``fn``'s tuple.
+    """
+    owner = head_owner(model, head)
+    if owner is None:
+        return tuple(fn(head.weight, _bias(head), *inputs))
+
+    absent: list[int] = []
+
+    def redirected(*args: Tensor) -> tuple[Tensor, ...]:
+        out = tuple(fn(head.weight, _bias(head), *args))
+        absent[:] = [i for i, t in enumerate(out) if t is None]
+        return tuple(t for t in out if t is not None)
+
+    # An instance attribute shadows the class's forward for this one call; put back exactly
+    # what was there (another wrapper may have set its own instance forward).
+    had_own = "forward" in owner.__dict__
+    previous = owner.__dict__.get("forward")
+    owner.forward = redirected
+    try:
+        present = list(owner(*inputs))
+    finally:
+        if had_own:
+            owner.forward = previous
+        else:
+            del owner.forward
+    it = iter(present)
+    return tuple(None if i in absent else next(it) for i in range(len(present) + len(absent)))
+
+
+def _bias(head: nn.Module) -> Tensor | None:
+    bias = getattr(head, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
