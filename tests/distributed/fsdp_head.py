@@ -5,24 +5,35 @@ Run by ``tests/test_distributed_fsdp.py`` through ``torchrun --nproc_per_node=2`
     python -m torch.distributed.run --standalone --nproc_per_node=2 \
         tests/distributed/fsdp_head.py [CASE ...]
 
-A case is ``<wrapping>-<tied|untied>[-triton]``; no argument runs :data:`CASES`. For each case
-every rank builds the same model from a fixed seed. The ground truth is the unpatched model in
-this one process over the WHOLE batch: log-probs and entropy from its own logits (float64), loss
-= mean NLL over every labelled token of the global batch, gradients, and parameters after two
-optimizer steps. The FSDP copy is patched (``patch_model``), wrapped, and each rank runs its
-half of the batch with ``num_items_in_batch`` = global tokens / world size, so that FSDP's
-averaging reduce-scatter gives the gradient of the global mean. Compared: each rank's
-log-probs/entropy rows, the loss summed over ranks, every gradient and every parameter after two
-AdamW steps (``full_tensor()`` of the shards). Prints ``CASE <name> ok`` per case; exits 1 with
-the differences on any mismatch, or when a case raises (its error is printed).
+A case is ``<wrapping>-<tied|untied>[-<variant>]``; no argument runs :data:`CASES`. For each
+case every rank builds the same model from a fixed seed. The ground truth is the unpatched model
+in this one process over the WHOLE batch: log-probs and entropy from its own logits (float64),
+loss = mean NLL over every labelled token of the global batch, gradients, and parameters after
+two AdamW steps. The FSDP copy is patched (``patch_model``), wrapped, and each rank runs its half
+of the batch with ``num_items_in_batch`` = global tokens / world size, so that FSDP's averaging
+reduce-scatter gives the gradient of the global mean. Compared: each rank's log-probs/entropy
+rows, the loss summed over ranks, every gradient and every parameter after two steps
+(``full_tensor()`` of the shards). Prints ``CASE <name> ok`` per case; exits 1 with the
+differences on any mismatch, or when a case raises (its error is printed).
 
-Wrappings (``fully_shard`` groups; every layer is its own group in all but ``root``):
+Wrappings (``fully_shard`` groups; every decoder layer is its own group in all but ``root``):
 
-- ``head``: ``lm_head`` alone (the layout whose gradient was silently wrong).
+- ``head``: ``lm_head`` alone (the layout whose gradient was silently wrong, rel. error 1.0).
 - ``head_norm``: ``[norm, lm_head]`` as one group.
 - ``head_embed``: ``[embed_tokens, lm_head]`` as one group.
-- ``embed``: ``embed_tokens`` alone, head left to the root (tied: the root shares its weight).
+- ``embed``: ``embed_tokens`` alone, the head in the root's group.
+- ``backbone``: ``model.model`` (embeddings, norm) as a group, the head in the root's group.
 - ``root``: everything in the root group.
+
+Tied heads: torch refuses a tied weight split across groups (``head``, ``head_norm``, ``embed``,
+``backbone``) with a ValueError at the first forward; those cases pass as "refused" (and are
+checked like any other if a later torch accepts them).
+
+Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
+``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
+(``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh). The case
+``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
+a wrong gradient.
 """
 
 from __future__ import annotations
@@ -37,16 +48,22 @@ import traceback  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from apo_kernels.integrations.transformers import patch_model  # noqa: E402
+from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head  # noqa: E402
+from apo_kernels.integrations.transformers import output_head, patch_model  # noqa: E402
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch (rows); each of 2 ranks gets B / 2
-WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "root")
-CASES = tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied")) + ("head-untied-triton",)
+WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "root")
+TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
+CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
+         + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
+            "head_norm-untied-keep", "head-untied-hsdp", "guard"))
 TOL = dict(rtol=1e-4, atol=2e-5)
+BF16_REL = 2e-2
 
 
 def build(tied: bool) -> LlamaForCausalLM:
@@ -73,9 +90,17 @@ def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, labels, attention
 
 
-def reference(model: LlamaForCausalLM, steps: int = 2) -> dict:
+def optimizer(model: torch.nn.Module, variant: str) -> torch.optim.Optimizer:
+    # bf16: SGD, whose update is linear in the gradient; AdamW's near-sign update turns bf16
+    # rounding of tiny gradients into full-size weight differences.
+    if variant == "bf16":
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def reference(model: LlamaForCausalLM, variant: str = "", steps: int = 2) -> dict:
     """One process, whole batch, the model's own logits (log-softmax in float64)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = optimizer(model, variant)
     first: dict = {}
     for step in range(steps):
         ids, labels, attention = batches(step)
@@ -97,44 +122,65 @@ def reference(model: LlamaForCausalLM, steps: int = 2) -> dict:
     return first
 
 
-def wrap(model: LlamaForCausalLM, wrapping: str) -> None:
+def wrap(model: LlamaForCausalLM, wrapping: str, variant: str = "") -> None:
     inner = model.model
-    if wrapping != "root":
+    kw: dict = {}
+    if variant == "keep":
+        kw["reshard_after_forward"] = False
+    if variant == "hsdp":
+        kw["mesh"] = init_device_mesh("cpu", (1, dist.get_world_size()),
+                                      mesh_dim_names=("replicate", "shard"))
+    head_kw = dict(kw)
+    if variant == "bf16":
+        head_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
+    if wrapping not in ("root", "backbone"):
         for layer in inner.layers:
-            fully_shard(layer)
+            fully_shard(layer, **kw)
     if wrapping == "head":
-        fully_shard(model.lm_head)
+        fully_shard(model.lm_head, **head_kw)
     elif wrapping == "head_norm":
-        fully_shard([inner.norm, model.lm_head])
+        fully_shard([inner.norm, model.lm_head], **head_kw)
     elif wrapping == "head_embed":
-        fully_shard([inner.embed_tokens, model.lm_head])
+        fully_shard([inner.embed_tokens, model.lm_head], **head_kw)
     elif wrapping == "embed":
-        fully_shard(inner.embed_tokens)
+        fully_shard(inner.embed_tokens, **kw)
+    elif wrapping == "backbone":
+        fully_shard(inner, **kw)
     elif wrapping != "root":
         raise ValueError(wrapping)
-    fully_shard(model)
+    fully_shard(model, **kw)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def run_case(case: str, rank: int, world: int) -> list[str]:
+def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
+    """Errors (empty: passed) and a note for the verdict line."""
+    if case == "guard":
+        return run_guard(), ""
     wrapping, tie, *rest = case.split("-")
-    backend = rest[0] if rest else "torch"
+    variant = rest[0] if rest else ""
+    backend = "triton" if variant == "triton" else "torch"
     tied = tie == "tied"
     base = build(tied)
-    ref = reference(copy.deepcopy(base))
+    ref = reference(copy.deepcopy(base), variant)
 
     model = copy.deepcopy(base)
     patch_model(model, backend=backend, filter_eps=None, outputs=("entropy",))
-    wrap(model, wrapping)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    wrap(model, wrapping, variant)
+    opt = optimizer(model, variant)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     errors: list[str] = []
 
+    def close(ours: torch.Tensor, want: torch.Tensor) -> bool:
+        if variant == "bf16":
+            return bool((ours - want).norm() <= BF16_REL * want.norm() + 1e-6)
+        return torch.allclose(ours, want, **TOL)
+
     def check(name: str, ours: torch.Tensor, want: torch.Tensor) -> None:
-        if ours.shape != want.shape or not torch.allclose(ours, want, **TOL):
+        if ours.shape != want.shape or not close(ours, want):
             diff = (ours - want).abs().max().item() if ours.shape == want.shape else "shape"
             rel = ((ours - want).norm() / want.norm().clamp(min=1e-12)).item() if ours.shape == want.shape else ""
             errors.append(f"{case} rank {rank}: {name} differs (max abs {diff}, rel {rel})")
@@ -142,14 +188,21 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
     for step in range(2):
         ids, labels, attention = batches(step)
         n_global = (labels[:, 1:] != -100).sum()
-        out = model(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                    num_items_in_batch=n_global.float() / world)
+        try:
+            out = model(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
+                        num_items_in_batch=n_global.float() / world)
+        except ValueError as err:
+            if tied and wrapping in TIED_REFUSED and "shared" in str(err) and step == 0:
+                return [], " (refused by torch: tied weight split across FSDP groups)"
+            raise
         opt.zero_grad()
         out.loss.backward()
         if step == 0:
             mask = ref["mask"][rows]
             check("logprobs", out.logprobs * mask, ref["logprobs"][rows])
             check("entropy", out.entropy * mask, ref["entropy"][rows])
+            if variant == "bf16" and torch.allclose(out.logprobs * mask, ref["logprobs"][rows], atol=1e-5):
+                errors.append(f"{case}: the head did not run in the policy's bf16 (fp32-exact log-probs)")
             loss = out.loss.detach() / world
             dist.all_reduce(loss)
             check("loss", loss, ref["loss"])
@@ -164,6 +217,37 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
         opt.step()
     for n, p in model.named_parameters():
         check(f"param after 2 steps {n}", full(p.detach()), ref["params"][n])
+    return errors, ""
+
+
+def run_guard() -> list[str]:
+    """Where the head's weight is sharded and cannot be gathered correctly, we raise."""
+    errors = []
+    base = build(False)
+
+    head_alone = copy.deepcopy(base)
+    wrap(head_alone, "head")
+    try:
+        output_head(head_alone)
+        errors.append("guard: output_head() gathered an FSDP-sharded head with gradients on")
+    except UnsupportedHeadLayout:
+        pass
+    with torch.no_grad():  # no gradient: gathering is exact (frozen reference models)
+        weight, _ = output_head(head_alone)
+    if not torch.equal(weight, base.lm_head.weight):
+        errors.append("guard: output_head() under no_grad is not the full weight")
+
+    root = copy.deepcopy(base)  # root-only, before any forward: the root's params are sharded
+    wrap(root, "root")
+    hidden = torch.randn(3, D, requires_grad=True)
+    for what, call in (("output_head", lambda: output_head(root)),
+                       ("call_head", lambda: call_head(root, root.lm_head, lambda w, b, h: (h @ w.T,), hidden))):
+        try:
+            call()
+            errors.append(f"guard: {what} on a sharded root-owned head did not raise")
+        except UnsupportedHeadLayout as err:
+            if "root" not in str(err):
+                errors.append(f"guard: {what}: message does not name the layout: {err}")
     return errors
 
 
@@ -174,8 +258,9 @@ def main() -> int:
     cases = sys.argv[1:] or list(CASES)
     failed = 0
     for case in cases:
+        note = ""
         try:
-            errors = run_case(case, rank, world)
+            errors, note = run_case(case, rank, world)
         except Exception:  # report every case, not only the first failure
             errors = [f"{case} rank {rank}: raised\n{traceback.format_exc()}"]
         # Every rank must agree on the verdict (and keep collectives in step).
@@ -188,7 +273,7 @@ def main() -> int:
             if rank == 0:
                 print(f"CASE {case} FAILED", flush=True)
         elif rank == 0:
-            print(f"CASE {case} ok", flush=True)
+            print(f"CASE {case} ok{note}", flush=True)
     dist.destroy_process_group()
     return 1 if failed else 0
 
