@@ -15,21 +15,39 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("needs torch.distributed with the gloo backend", allow_module_level=True)
 
-from distributed.fsdp_head import CASES  # noqa: E402
+from distributed.fsdp_head import CASES, CASES_4  # noqa: E402
 from distributed.launch import run_torchrun  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def fsdp_output() -> str:
-    """The workers' output for every case, whether or not some failed."""
+def _launch(cases: tuple[str, ...], nproc: int) -> str:
+    """The workers' output for ``cases``, whether or not some failed."""
     try:
-        return run_torchrun("fsdp_head.py", timeout=600)
+        return run_torchrun("fsdp_head.py", *cases, nproc=nproc, timeout=600)
     except AssertionError as err:  # some case failed: its test below reports which
         return str(err)
 
 
+@pytest.fixture(scope="module")
+def output_2() -> str:
+    return _launch(CASES, 2)
+
+
+@pytest.fixture(scope="module")
+def output_4() -> str:
+    return _launch(CASES_4, 4)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_fsdp2_matches_one_process(fsdp_output: str, case: str) -> None:
+def test_fsdp2_matches_one_process(output_2: str, case: str) -> None:
+    _expect_ok(output_2, case)
+
+
+@pytest.mark.parametrize("case", CASES_4)
+def test_fsdp2_on_4_ranks_matches_one_process(output_4: str, case: str) -> None:
+    _expect_ok(output_4, case)
+
+
+def _expect_ok(fsdp_output: str, case: str) -> None:
     lines = [line for line in fsdp_output.splitlines() if line.startswith(f"CASE {case} ")]
     if not any(line.startswith(f"CASE {case} ok") for line in lines):
         mine = [line for line in fsdp_output.splitlines() if line.startswith((f"{case} ", f"{case}:"))]

@@ -33,7 +33,6 @@ __all__ = [
     "call_head",
     "fsdp2_owner",
     "head_owner",
-    "is_fsdp_managed",
 ]
 
 OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
@@ -71,19 +70,36 @@ def _param_groups(state: Any) -> list[Any]:
 
 
 def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
-    """The FSDP2 state and ``FSDPParam`` that manage ``weight`` (sharded or unsharded), or None."""
-    for _module, state in _fsdp_states(model):
-        for group in _param_groups(state):
-            for fsdp_param in group.fsdp_params:
-                unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                if fsdp_param.sharded_param is weight or unsharded is weight:
-                    return state, fsdp_param
+    """The FSDP2 state and ``FSDPParam`` that manage ``weight`` in any of its states (sharded,
+    resharded to a smaller mesh after forward, unsharded), or None.
+
+    Reads FSDP2 internals (torch 2.4-2.13 layout); when they are not the ones known here, a
+    DTensor weight raises rather than being gathered behind FSDP's back.
+    """
+    try:
+        for _module, state in _fsdp_states(model):
+            for group in _param_groups(state):
+                for fsdp_param in group.fsdp_params:
+                    forms = (fsdp_param.sharded_param,
+                             getattr(fsdp_param, "_sharded_post_forward_param", None),
+                             getattr(fsdp_param, "_unsharded_param", None))
+                    if any(f is weight for f in forms):
+                        return state, fsdp_param
+    except AttributeError as err:
+        if _is_dtensor(weight):
+            raise UnsupportedHeadLayout(
+                f"cannot tell whether FSDP2 shards the LM head weight in this torch version "
+                f"({err}); apo-kernels knows the FSDP2 internals of torch 2.4-2.13"
+            ) from err
     return None
 
 
-def is_fsdp_managed(model: nn.Module, weight: Tensor) -> bool:
-    """Whether ``weight`` is a parameter that an FSDP2 group inside ``model`` shards."""
-    return _managing_state(model, weight) is not None
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
@@ -103,8 +119,8 @@ def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
     if found is None:
         return None
     state, fsdp_param = found
-    if fsdp_param.sharded_param is not weight:
-        return None  # unsharded now: the owner's hooks have run
+    if getattr(fsdp_param, "_unsharded_param", None) is weight:
+        return None  # unsharded now: the owner's pre-forward has run
     modules = tuple(getattr(state, "_modules", ()))
     info = fsdp_param._module_info
     holders = [info.module, *getattr(info, "shared_modules", ())]

@@ -9,7 +9,7 @@ A case is ``<wrapping>-<tied|untied>[-<variant>]``; no argument runs :data:`CASE
 case every rank builds the same model from a fixed seed. The ground truth is the unpatched model
 in this one process over the WHOLE batch: log-probs and entropy from its own logits (float64),
 loss = mean NLL over every labelled token of the global batch, gradients, and parameters after
-two AdamW steps. The FSDP copy is patched (``patch_model``), wrapped, and each rank runs its half
+two optimizer steps. The FSDP copy is patched (``patch_model``), wrapped, and each rank runs its half
 of the batch with ``num_items_in_batch`` = global tokens / world size, so that FSDP's averaging
 reduce-scatter gives the gradient of the global mean. Compared: each rank's log-probs/entropy
 rows, the loss summed over ranks, every gradient and every parameter after two steps
@@ -31,7 +31,10 @@ checked like any other if a later torch accepts them).
 
 Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
 ``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
-(``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh). The case
+(``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh), ``twice``
+(two patched forwards before one backward), ``twice2`` (the same with the head group's
+``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
+2-rank mesh; :data:`CASES_4` is launched separately). The case
 ``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
 a wrong gradient.
 """
@@ -45,6 +48,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import copy  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -56,12 +60,14 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head  # noqa: E402
 from apo_kernels.integrations.transformers import output_head, patch_model  # noqa: E402
 
-V, D, B, T = 67, 32, 4, 9  # B: global batch (rows); each of 2 ranks gets B / 2
+V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
 WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "root")
 TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
-            "head_norm-untied-keep", "head-untied-hsdp", "guard"))
+            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice",
+            "head_embed-tied-twice", "root-tied-twice", "guard"))
+CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = dict(rtol=1e-4, atol=2e-5)
 BF16_REL = 2e-2
 
@@ -90,17 +96,16 @@ def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, labels, attention
 
 
-def optimizer(model: torch.nn.Module, variant: str) -> torch.optim.Optimizer:
-    # bf16: SGD, whose update is linear in the gradient; AdamW's near-sign update turns bf16
-    # rounding of tiny gradients into full-size weight differences.
-    if variant == "bf16":
-        return torch.optim.SGD(model.parameters(), lr=0.5)
-    return torch.optim.AdamW(model.parameters(), lr=1e-2)
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # SGD with momentum: the update is linear in the gradients of both steps, so a wrong gradient
+    # shows in the weights in proportion. AdamW's near-sign update turns reduction-order noise
+    # in tiny gradients (fp32 on 4 ranks, bf16) into full-size weight differences.
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
 def reference(model: LlamaForCausalLM, variant: str = "", steps: int = 2) -> dict:
     """One process, whole batch, the model's own logits (log-softmax in float64)."""
-    opt = optimizer(model, variant)
+    opt = optimizer(model)
     first: dict = {}
     for step in range(steps):
         ids, labels, attention = batches(step)
@@ -131,6 +136,8 @@ def wrap(model: LlamaForCausalLM, wrapping: str, variant: str = "") -> None:
         kw["mesh"] = init_device_mesh("cpu", (1, dist.get_world_size()),
                                       mesh_dim_names=("replicate", "shard"))
     head_kw = dict(kw)
+    if variant == "twice2":  # 4 ranks: between forwards the head is a DTensor on a 2-rank mesh
+        head_kw["reshard_after_forward"] = 2
     if variant == "bf16":
         head_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                     reduce_dtype=torch.float32)
@@ -170,7 +177,7 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     model = copy.deepcopy(base)
     patch_model(model, backend=backend, filter_eps=None, outputs=("entropy",))
     wrap(model, wrapping, variant)
-    opt = optimizer(model, variant)
+    opt = optimizer(model)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     errors: list[str] = []
 
@@ -189,8 +196,8 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
         ids, labels, attention = batches(step)
         n_global = (labels[:, 1:] != -100).sum()
         try:
-            out = model(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                        num_items_in_batch=n_global.float() / world)
+            out = forward(model, ids[rows], attention[rows], labels[rows], n_global.float() / world,
+                          pieces=2 if variant.startswith("twice") else 1)
         except ValueError as err:
             if tied and wrapping in TIED_REFUSED and "shared" in str(err) and step == 0:
                 return [], " (refused by torch: tied weight split across FSDP groups)"
@@ -218,6 +225,16 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     for n, p in model.named_parameters():
         check(f"param after 2 steps {n}", full(p.detach()), ref["params"][n])
     return errors, ""
+
+
+def forward(model, ids, attention, labels, num_items, pieces: int) -> SimpleNamespace:
+    """The patched forward, over ``pieces`` row blocks called one after the other before any
+    backward (as a DPO step scores several batches): concatenated outputs, summed loss."""
+    outs = [model(input_ids=i, attention_mask=a, labels=lab, num_items_in_batch=num_items)
+            for i, a, lab in zip(ids.chunk(pieces), attention.chunk(pieces), labels.chunk(pieces))]
+    return SimpleNamespace(loss=sum(o.loss for o in outs),
+                           logprobs=torch.cat([o.logprobs for o in outs]),
+                           entropy=torch.cat([o.entropy for o in outs]))
 
 
 def run_guard() -> list[str]:
