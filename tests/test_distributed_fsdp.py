@@ -15,8 +15,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("needs torch.distributed with the gloo backend", allow_module_level=True)
 
-from distributed.fsdp_head import CASES, CASES_4  # noqa: E402
-from distributed.launch import run_torchrun  # noqa: E402
+from distributed.fsdp_head import CASES, CASES_4
+from distributed.launch import run_torchrun
 
 
 def _launch(cases: tuple[str, ...], nproc: int) -> str:

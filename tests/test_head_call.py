@@ -13,14 +13,14 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
-from apo_kernels.integrations import head_call  # noqa: E402
-from apo_kernels.integrations.head_call import (  # noqa: E402
+from apo_kernels.integrations import head_call
+from apo_kernels.integrations.head_call import (
     HEAD_OWNER_RULES,
     UnsupportedHeadLayout,
     call_head,
     head_owner,
 )
-from apo_kernels.integrations.transformers import patch_model  # noqa: E402
+from apo_kernels.integrations.transformers import patch_model
 
 V, D = 53, 16
 
@@ -34,14 +34,12 @@ def _model() -> transformers.LlamaForCausalLM:
 
 @pytest.fixture
 def head_rule(monkeypatch):
-    """A rule naming the head as its own owner (what ZeRO-3's rule does); counts hook calls."""
-    calls = {"pre": 0, "post": 0}
+    """A rule naming the head as its own owner (what ZeRO-3's rule does) for a marked weight."""
 
     def rule(model, head, weight):
         return head if getattr(weight, "_test_owned", False) else None
 
     monkeypatch.setattr(head_call, "HEAD_OWNER_RULES", [rule, *HEAD_OWNER_RULES])
-    return calls
 
 
 def test_owner_rule_routes_the_head_through_its_hooks(head_rule) -> None:
@@ -79,7 +77,7 @@ def test_owner_rule_routes_the_head_through_its_hooks(head_rule) -> None:
 def test_call_head_carries_none_and_restores_forward_on_error(head_rule) -> None:
     head = torch.nn.Linear(D, V, bias=False)
     head.weight._test_owned = True
-    own_forward = lambda x: x  # noqa: E731  an instance forward set by another wrapper
+    own_forward = lambda x: x
     head.forward = own_forward
     h = torch.randn(4, D)
 

@@ -45,20 +45,20 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU interpreter)
 
-import copy  # noqa: E402
-import sys  # noqa: E402
-import traceback  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import copy
+import sys
+import traceback
+from types import SimpleNamespace
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head  # noqa: E402
-from apo_kernels.integrations.transformers import output_head, patch_model  # noqa: E402
+from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head
+from apo_kernels.integrations.transformers import output_head, patch_model
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
 WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "root")
@@ -68,7 +68,7 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice",
             "head_embed-tied-twice", "root-tied-twice", "guard"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
-TOL = dict(rtol=1e-4, atol=2e-5)
+TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
 
 
@@ -119,9 +119,9 @@ def reference(model: LlamaForCausalLM, variant: str = "", steps: int = 2) -> dic
         opt.zero_grad()
         loss.float().backward()
         if step == 0:
-            first = dict(logprobs=logp.float().detach(), entropy=entropy.float().detach(),
-                         loss=loss.float().detach(), mask=mask,
-                         grads={n: p.grad.clone() for n, p in model.named_parameters()})
+            first = {"logprobs": logp.float().detach(), "entropy": entropy.float().detach(),
+                     "loss": loss.float().detach(), "mask": mask,
+                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
         opt.step()
     first["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return first
@@ -278,7 +278,7 @@ def main() -> int:
         note = ""
         try:
             errors, note = run_case(case, rank, world)
-        except Exception:  # report every case, not only the first failure
+        except Exception:  # noqa: BLE001  report every case, not only the first failure
             errors = [f"{case} rank {rank}: raised\n{traceback.format_exc()}"]
         # Every rank must agree on the verdict (and keep collectives in step).
         flag = torch.tensor([len(errors)])
