@@ -31,7 +31,9 @@ __all__ = [
     "HEAD_OWNER_RULES",
     "UnsupportedHeadLayout",
     "call_head",
+    "call_through",
     "fsdp2_owner",
+    "fsdp_root",
     "head_owner",
 ]
 
@@ -202,28 +204,55 @@ def call_head(model: nn.Module, head: nn.Module, fn: HeadFn, *inputs: Tensor) ->
     owner = head_owner(model, head)
     if owner is None:
         return tuple(fn(head.weight, _bias(head), *inputs))
+    # Inside the owner's forward its pre-hook has swapped the unsharded weight into `head`.
+    return call_through(owner, lambda *args: fn(head.weight, _bias(head), *args), *inputs)
 
+
+def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
+                 *inputs: Tensor) -> tuple[Tensor | None, ...]:
+    """``fn(*inputs)`` run as ``module``'s forward: ``module(*inputs)`` with its hooks.
+
+    ``module.forward`` is replaced by an instance attribute for this one call and restored
+    exactly (another wrapper's instance ``forward`` included), also when ``fn`` raises. Hooks
+    flatten and map over outputs, so ``fn`` returns a tuple of tensors or None; the None
+    entries are carried around the call.
+    """
     absent: list[int] = []
 
     def redirected(*args: Tensor) -> tuple[Tensor, ...]:
-        out = tuple(fn(head.weight, _bias(head), *args))
+        out = tuple(fn(*args))
         absent[:] = [i for i, t in enumerate(out) if t is None]
         return tuple(t for t in out if t is not None)
 
-    # An instance attribute shadows the class's forward for this one call; put back exactly
-    # what was there (another wrapper may have set its own instance forward).
-    had_own = "forward" in owner.__dict__
-    previous = owner.__dict__.get("forward")
-    owner.forward = redirected
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = redirected
     try:
-        present = list(owner(*inputs))
+        present = list(module(*inputs))
     finally:
         if had_own:
-            owner.forward = previous
+            module.forward = previous
         else:
-            del owner.forward
+            del module.forward
     it = iter(present)
     return tuple(None if i in absent else next(it) for i in range(len(present) + len(absent)))
+
+
+def fsdp_root(model: nn.Module, contains: nn.Module) -> nn.Module | None:
+    """The outermost FSDP2 module of ``model`` (itself or its first ``fully_shard`` module in
+    pre-order), when it holds ``contains`` (e.g. the backbone) and is not running its forward
+    now; else None.
+
+    Code that calls a model's backbone and head separately (not ``model(...)``) must run inside
+    this module's forward (:func:`call_through`): only its pre-forward unshards the parameters
+    that the root group holds (embeddings, final norm, a head in the root group).
+    """
+    for module, state in _fsdp_states(model):
+        training_state = getattr(getattr(state, "_training_state", None), "name", "IDLE")
+        if training_state == "FORWARD" or not any(m is contains for m in module.modules()):
+            return None
+        return module
+    return None
 
 
 def _bias(head: nn.Module) -> Tensor | None:

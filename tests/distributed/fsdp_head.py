@@ -36,7 +36,9 @@ Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the h
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
 2-rank mesh; :data:`CASES_4` is launched separately). The case
 ``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
-a wrong gradient.
+a wrong gradient. Cases ``pref-<wrapping>-<tie>[-refmodel]`` run ``compute_preference_loss``
+(the light path under ``PreferenceTrainer``) the same way, pairs split over ranks, with
+precomputed reference log-probs or a reference model wrapped the same way.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from apo_kernels import FusedLinearPreferenceLoss
 from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head
+from apo_kernels.integrations.trainer import compute_preference_loss
 from apo_kernels.integrations.transformers import output_head, patch_model
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
@@ -66,7 +70,9 @@ TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied we
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
             "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice",
-            "head_embed-tied-twice", "root-tied-twice", "guard"))
+            "head_embed-tied-twice", "root-tied-twice", "guard",
+            "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
+            "pref-head-untied-refmodel"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -167,6 +173,8 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     """Errors (empty: passed) and a note for the verdict line."""
     if case == "guard":
         return run_guard(), ""
+    if case.startswith("pref-"):
+        return run_pref(case, rank, world), ""
     wrapping, tie, *rest = case.split("-")
     variant = rest[0] if rest else ""
     backend = "triton" if variant == "triton" else "torch"
@@ -235,6 +243,88 @@ def forward(model, ids, attention, labels, num_items, pieces: int) -> SimpleName
     return SimpleNamespace(loss=sum(o.loss for o in outs),
                            logprobs=torch.cat([o.logprobs for o in outs]),
                            entropy=torch.cat([o.entropy for o in outs]))
+
+
+def pref_batch(step: int) -> dict:
+    """Global preference batch: B // 2 pairs, rows ``[chosen..., rejected...]`` (the collator's
+    layout), precomputed reference log-probs."""
+    ids, labels, attention = batches(step)
+    g = torch.Generator().manual_seed(200 + step)
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention,
+            "ref_chosen_logps": -10 * torch.rand(B // 2, generator=g),
+            "ref_rejected_logps": -10 * torch.rand(B // 2, generator=g)}
+
+
+def rank_pairs(batch: dict, rank: int, world: int) -> dict:
+    """This rank's pairs, in the same ``[chosen..., rejected...]`` layout."""
+    pairs = B // 2
+    sel = torch.arange(rank * pairs // world, (rank + 1) * pairs // world)
+    rows = torch.cat([sel, sel + pairs])
+    return {k: v[sel] if k.startswith("ref_") else v[rows] for k, v in batch.items()}
+
+
+def run_pref(case: str, rank: int, world: int) -> list[str]:
+    """compute_preference_loss (the light path / PreferenceTrainer) under FSDP2 vs one process;
+    ``refmodel``: a reference model (wrapped the same way) instead of precomputed log-probs."""
+    _, wrapping, tie, *rest = case.split("-")
+    with_ref_model = rest == ["refmodel"]
+    base = build(tie == "tied")
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+    ref_base = build(tie == "tied")
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in ref_base.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def batch_for(step: int, sharded: bool) -> dict:
+        batch = pref_batch(step)
+        if with_ref_model:
+            batch = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+        return rank_pairs(batch, rank, world) if sharded else batch
+
+    ref_model = copy.deepcopy(ref_base) if with_ref_model else None
+    single = copy.deepcopy(base)
+    opt = optimizer(single)
+    want = []
+    for step in range(2):
+        out = compute_preference_loss(single, batch_for(step, False), loss_fn, ref_model=ref_model)
+        opt.zero_grad()
+        out.loss.backward()
+        want.append((out, {n: p.grad.clone() for n, p in single.named_parameters()}))
+        opt.step()
+
+    model = copy.deepcopy(base)
+    wrap(model, wrapping)
+    ref_model = None
+    if with_ref_model:
+        ref_model = copy.deepcopy(ref_base).requires_grad_(False)
+        wrap(ref_model, wrapping)
+    opt = optimizer(model)
+    errors: list[str] = []
+    pairs = B // 2
+    sel = slice(rank * pairs // world, (rank + 1) * pairs // world)
+
+    def check(name: str, ours: torch.Tensor, exp: torch.Tensor) -> None:
+        if ours.shape != exp.shape or not torch.allclose(ours, exp, **TOL):
+            diff = (ours - exp).abs().max().item() if ours.shape == exp.shape else "shape"
+            errors.append(f"{case} rank {rank}: {name} differs (max abs {diff})")
+
+    for step in range(2):
+        out = compute_preference_loss(model, batch_for(step, True), loss_fn, ref_model=ref_model)
+        opt.zero_grad()
+        out.loss.backward()
+        exp, grads = want[step]
+        check(f"step {step} chosen_logps", out.chosen_logps.detach(), exp.chosen_logps[sel].detach())
+        check(f"step {step} rejected_logps", out.rejected_logps.detach(), exp.rejected_logps[sel].detach())
+        check(f"step {step} ref_chosen_logps", out.ref_chosen_logps, exp.ref_chosen_logps[sel])
+        loss = out.loss.detach() / world
+        dist.all_reduce(loss)
+        check(f"step {step} loss", loss, exp.loss.detach())
+        for n, p in model.named_parameters():
+            check(f"step {step} grad {n}", full(p.grad), grads[n])
+        opt.step()
+    for n, p in model.named_parameters():
+        check(f"param after 2 steps {n}", full(p.detach()), dict(single.named_parameters())[n].detach())
+    return errors
 
 
 def run_guard() -> list[str]:
