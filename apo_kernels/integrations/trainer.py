@@ -224,7 +224,8 @@ def precompute_ref_logps(
         with adapters_off:
             for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=not progress):
                 inputs = model_inputs(batch, device)
-                hidden, labels, seq_ids = _shifted(batch, hidden_states(ref_model, **inputs), device)
+                hidden = _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0]  # noqa: B023
+                hidden, labels, seq_ids = _shifted(batch, hidden, device)
                 tok = linear_logprobs(hidden.to(weight.dtype), weight, labels, bias, temperature=temperature,
                                       logit_scale=transform.logit_scale, softcap=transform.softcap)
                 mask = labels != -100

@@ -32,13 +32,15 @@ checked like any other if a later torch accepts them).
 Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
 ``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
 (``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh), ``twice``
-(two patched forwards before one backward), ``twice2`` (the same with the head group's
+(two patched forwards before one backward), ``accum`` (gradient accumulation over two
+micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
 2-rank mesh; :data:`CASES_4` is launched separately). The case
 ``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
 a wrong gradient. Cases ``pref-<wrapping>-<tie>[-refmodel]`` run ``compute_preference_loss``
 (the light path under ``PreferenceTrainer``) the same way, pairs split over ranks, with
-precomputed reference log-probs or a reference model wrapped the same way.
+precomputed reference log-probs or a reference model wrapped the same way; cases
+``precompute-<wrapping>-<tie>`` run ``precompute_ref_logps`` on a wrapped reference.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from apo_kernels import FusedLinearPreferenceLoss
 from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head
-from apo_kernels.integrations.trainer import compute_preference_loss
+from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
 from apo_kernels.integrations.transformers import output_head, patch_model
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
@@ -70,9 +72,10 @@ TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied we
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
             "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice",
+            "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
-            "pref-head-untied-refmodel"))
+            "pref-head-untied-refmodel", "precompute-head-untied", "precompute-root-tied"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -173,6 +176,8 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     """Errors (empty: passed) and a note for the verdict line."""
     if case == "guard":
         return run_guard(), ""
+    if case.startswith("precompute-"):
+        return run_precompute(case), ""
     if case.startswith("pref-"):
         return run_pref(case, rank, world), ""
     wrapping, tie, *rest = case.split("-")
@@ -203,15 +208,18 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     for step in range(2):
         ids, labels, attention = batches(step)
         n_global = (labels[:, 1:] != -100).sum()
+        opt.zero_grad()
         try:
-            out = forward(model, ids[rows], attention[rows], labels[rows], n_global.float() / world,
-                          pieces=2 if variant.startswith("twice") else 1)
+            if variant == "accum":
+                out = accumulate(model, ids[rows], attention[rows], labels[rows], n_global.float() / world)
+            else:
+                out = forward(model, ids[rows], attention[rows], labels[rows], n_global.float() / world,
+                              pieces=2 if variant.startswith("twice") else 1)
+                out.loss.backward()
         except ValueError as err:
             if tied and wrapping in TIED_REFUSED and "shared" in str(err) and step == 0:
                 return [], " (refused by torch: tied weight split across FSDP groups)"
             raise
-        opt.zero_grad()
-        out.loss.backward()
         if step == 0:
             mask = ref["mask"][rows]
             check("logprobs", out.logprobs * mask, ref["logprobs"][rows])
@@ -241,6 +249,20 @@ def forward(model, ids, attention, labels, num_items, pieces: int) -> SimpleName
     outs = [model(input_ids=i, attention_mask=a, labels=lab, num_items_in_batch=num_items)
             for i, a, lab in zip(ids.chunk(pieces), attention.chunk(pieces), labels.chunk(pieces))]
     return SimpleNamespace(loss=sum(o.loss for o in outs),
+                           logprobs=torch.cat([o.logprobs for o in outs]),
+                           entropy=torch.cat([o.entropy for o in outs]))
+
+
+def accumulate(model, ids, attention, labels, num_items, pieces: int = 2) -> SimpleNamespace:
+    """Gradient accumulation: one forward+backward per row block, FSDP's gradient sync off for
+    all but the last (``set_requires_gradient_sync``), as trainers do."""
+    outs = []
+    for k, (i, a, lab) in enumerate(zip(ids.chunk(pieces), attention.chunk(pieces), labels.chunk(pieces))):
+        model.set_requires_gradient_sync(k == pieces - 1)
+        out = model(input_ids=i, attention_mask=a, labels=lab, num_items_in_batch=num_items)
+        out.loss.backward()
+        outs.append(out)
+    return SimpleNamespace(loss=sum(o.loss.detach() for o in outs),
                            logprobs=torch.cat([o.logprobs for o in outs]),
                            entropy=torch.cat([o.entropy for o in outs]))
 
@@ -324,6 +346,31 @@ def run_pref(case: str, rank: int, world: int) -> list[str]:
         opt.step()
     for n, p in model.named_parameters():
         check(f"param after 2 steps {n}", full(p.detach()), dict(single.named_parameters())[n].detach())
+    return errors
+
+
+def run_precompute(case: str) -> list[str]:
+    """precompute_ref_logps with an FSDP2-wrapped reference gives the one-process values."""
+    _, wrapping, tie = case.split("-")
+    base = build(tie == "tied")
+    batch = pref_batch(0)
+    pairs = B // 2
+
+    def collate(examples: list[dict]) -> dict:
+        sel = torch.tensor([e["pair"] for e in examples])
+        rows = torch.cat([sel, sel + pairs])
+        return {k: batch[k][rows] for k in ("input_ids", "labels", "attention_mask")}
+
+    data = [{"pair": i} for i in range(pairs)]
+    want = precompute_ref_logps(copy.deepcopy(base), data, collate, batch_size=2, progress=False)
+    ref_model = copy.deepcopy(base).requires_grad_(False)
+    wrap(ref_model, wrapping)
+    got = precompute_ref_logps(ref_model, data, collate, batch_size=2, progress=False)
+    errors = []
+    for w, g in zip(want, got):
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            if abs(w[k] - g[k]) > 1e-4 * (1 + abs(w[k])):
+                errors.append(f"{case}: pair {w['pair']} {k}: {g[k]} != {w[k]}")
     return errors
 
 
