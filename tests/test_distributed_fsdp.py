@@ -8,6 +8,8 @@ own test. The worker is ``tests/distributed/fsdp_head.py`` (see its docstring fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
@@ -19,22 +21,25 @@ from distributed.fsdp_head import CASES, CASES_4
 from distributed.launch import run_torchrun
 
 
-def _launch(cases: tuple[str, ...], nproc: int) -> str:
-    """The workers' output for ``cases``, whether or not some failed."""
+def _launch(cases: tuple[str, ...], nproc: int, results: Path) -> str:
+    """Verdict lines for ``cases`` (from the workers' results file) and the output's tail."""
     try:
-        return run_torchrun("fsdp_head.py", *cases, nproc=nproc, timeout=600)
+        output = run_torchrun("fsdp_head.py", *cases, nproc=nproc, timeout=600,
+                              env={"APO_FSDP_RESULTS": str(results)})
     except AssertionError as err:  # some case failed: its test below reports which
-        return str(err)
+        output = str(err)
+    verdicts = results.read_text() if results.exists() else ""
+    return f"{verdicts}\n--- worker output (tail) ---\n{output[-3000:]}"
 
 
 @pytest.fixture(scope="module")
-def output_2() -> str:
-    return _launch(CASES, 2)
+def output_2(tmp_path_factory) -> str:
+    return _launch(CASES, 2, tmp_path_factory.mktemp("fsdp2") / "results.txt")
 
 
 @pytest.fixture(scope="module")
-def output_4() -> str:
-    return _launch(CASES_4, 4)
+def output_4(tmp_path_factory) -> str:
+    return _launch(CASES_4, 4, tmp_path_factory.mktemp("fsdp4") / "results.txt")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -47,9 +52,9 @@ def test_fsdp2_on_4_ranks_matches_one_process(output_4: str, case: str) -> None:
     _expect_ok(output_4, case)
 
 
-def _expect_ok(fsdp_output: str, case: str) -> None:
-    lines = [line for line in fsdp_output.splitlines() if line.startswith(f"CASE {case} ")]
-    if not any(line.startswith(f"CASE {case} ok") for line in lines):
-        mine = [line for line in fsdp_output.splitlines() if line.startswith((f"{case} ", f"{case}:"))]
-        pytest.fail(f"FSDP2 case {case}: {lines or 'no verdict'}\n" + "\n".join(mine[:20])
-                    + f"\n--- worker output (tail) ---\n{fsdp_output[-3000:]}")
+def _expect_ok(report: str, case: str) -> None:
+    lines = report.splitlines()
+    verdict = [i for i, line in enumerate(lines) if line.startswith(f"CASE {case} ")]
+    if not verdict or not lines[verdict[0]].startswith(f"CASE {case} ok"):
+        detail = lines[verdict[0]: verdict[0] + 9] if verdict else ["no verdict"]
+        pytest.fail(f"FSDP2 case {case}:\n" + "\n".join(detail) + "\n" + report[-3000:])

@@ -23,6 +23,8 @@ Wrappings (``fully_shard`` groups; every decoder layer is its own group in all b
 - ``head_embed``: ``[embed_tokens, lm_head]`` as one group.
 - ``embed``: ``embed_tokens`` alone, the head in the root's group.
 - ``backbone``: ``model.model`` (embeddings, norm) as a group, the head in the root's group.
+- ``accel``: accelerate's FSDP2 layout (HF Trainer, TRL): untied ``embed_tokens`` alone and
+  ``[norm, lm_head]``; tied ``[norm, embed_tokens, lm_head]``; that group not resharded.
 - ``root``: everything in the root group.
 
 Tied heads: torch refuses a tied weight split across groups (``head``, ``head_norm``, ``embed``,
@@ -67,7 +69,7 @@ from apo_kernels.integrations.trainer import compute_preference_loss, precompute
 from apo_kernels.integrations.transformers import output_head, patch_model
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
-WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "root")
+WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "root")
 TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
@@ -75,7 +77,7 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
-            "pref-head-untied-refmodel", "precompute-head-untied", "precompute-root-tied"))
+            "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied", "precompute-head-untied", "precompute-root-tied"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -163,6 +165,12 @@ def wrap(model: LlamaForCausalLM, wrapping: str, variant: str = "") -> None:
         fully_shard(inner.embed_tokens, **kw)
     elif wrapping == "backbone":
         fully_shard(inner, **kw)
+    elif wrapping == "accel":  # what accelerate 1.x's FSDP2 prepare does (HF Trainer, TRL)
+        tied = model.lm_head.weight is inner.embed_tokens.weight
+        if not tied:
+            fully_shard(inner.embed_tokens, **kw)
+        tail = [inner.norm, inner.embed_tokens, model.lm_head] if tied else [inner.norm, model.lm_head]
+        fully_shard(tail, **{**head_kw, "reshard_after_forward": False})
     elif wrapping != "root":
         raise ValueError(wrapping)
     fully_shard(model, **kw)
@@ -406,10 +414,14 @@ def run_guard() -> list[str]:
 
 
 def main() -> int:
+    """Run the cases named on the command line (default :data:`CASES`). Rank 0 prints one
+    ``CASE <name> ok|FAILED`` line per case and, when ``APO_FSDP_RESULTS`` names a file,
+    appends the same line there (the output can be long and is cut by the launcher)."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cases = sys.argv[1:] or list(CASES)
+    results = os.environ.get("APO_FSDP_RESULTS") if rank == 0 else None
     failed = 0
     for case in cases:
         note = ""
@@ -422,12 +434,13 @@ def main() -> int:
         dist.all_reduce(flag)
         if errors:
             print("\n".join(errors[:8]), flush=True)
-        if flag.item():
-            failed += 1
-            if rank == 0:
-                print(f"CASE {case} FAILED", flush=True)
-        elif rank == 0:
-            print(f"CASE {case} ok{note}", flush=True)
+        verdict = f"CASE {case} FAILED" if flag.item() else f"CASE {case} ok{note}"
+        failed += bool(flag.item())
+        if rank == 0:
+            print(verdict, flush=True)
+            if results:
+                with open(results, "a") as f:
+                    f.write(verdict + ("\n" + "\n".join(errors[:8]) if errors else "") + "\n")
     dist.destroy_process_group()
     return 1 if failed else 0
 
