@@ -37,7 +37,9 @@ Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the h
 (two patched forwards before one backward), ``accum`` (gradient accumulation over two
 micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
-2-rank mesh; :data:`CASES_4` is launched separately). The case
+2-rank mesh; :data:`CASES_4` is launched separately), ``trl`` (TRL's ``add_fused_lm_head`` forward with
+``apo_kernels.integrations.trl.enable()`` instead of ``patch_model``: only layouts where the
+head is unsharded when TRL reads it, since TRL gathers a sharded head itself). The case
 ``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
 a wrong gradient. Cases ``pref-<wrapping>-<tie>[-refmodel]`` run ``compute_preference_loss``
 (the light path under ``PreferenceTrainer``) the same way, pairs split over ranks, with
@@ -77,7 +79,8 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
-            "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied", "precompute-head-untied", "precompute-root-tied"))
+            "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied",
+            "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "precompute-head-untied", "precompute-root-tied"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -196,7 +199,24 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     ref = reference(copy.deepcopy(base), variant)
 
     model = copy.deepcopy(base)
+    if variant == "trl":  # TRL's own fused head, routed to our op by apo_trl.enable()
+        from trl.trainer.utils import add_fused_lm_head
+
+        from apo_kernels.integrations import trl as apo_trl
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+        model._test_trl_head = True
+        apo_trl.enable(backend="torch", filter_eps=None)
+        try:
+            return _run_steps(case, model, ref, rank, world, wrapping, variant, tied)
+        finally:
+            apo_trl.disable()
     patch_model(model, backend=backend, filter_eps=None, outputs=("entropy",))
+    return _run_steps(case, model, ref, rank, world, wrapping, variant, tied)
+
+
+def _run_steps(case: str, model: LlamaForCausalLM, ref: dict, rank: int, world: int, wrapping: str,
+               variant: str, tied: bool) -> tuple[list[str], str]:
     wrap(model, wrapping, variant)
     opt = optimizer(model)
     rows = slice(rank * B // world, (rank + 1) * B // world)
@@ -251,10 +271,18 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     return errors, ""
 
 
+def call(model, **kw) -> SimpleNamespace:
+    """One patched forward (ours, or TRL's fused head when the model has one)."""
+    if getattr(model, "_test_trl_head", False):
+        out = model(**kw, fused_lm_head=True)
+        return SimpleNamespace(loss=out.loss, logprobs=out.log_probs, entropy=out.entropy)
+    return model(**kw)
+
+
 def forward(model, ids, attention, labels, num_items, pieces: int) -> SimpleNamespace:
     """The patched forward, over ``pieces`` row blocks called one after the other before any
     backward (as a DPO step scores several batches): concatenated outputs, summed loss."""
-    outs = [model(input_ids=i, attention_mask=a, labels=lab, num_items_in_batch=num_items)
+    outs = [call(model, input_ids=i, attention_mask=a, labels=lab, num_items_in_batch=num_items)
             for i, a, lab in zip(ids.chunk(pieces), attention.chunk(pieces), labels.chunk(pieces))]
     return SimpleNamespace(loss=sum(o.loss for o in outs),
                            logprobs=torch.cat([o.logprobs for o in outs]),
