@@ -44,7 +44,9 @@ head is unsharded when TRL reads it, since TRL gathers a sharded head itself). T
 a wrong gradient. Cases ``pref-<wrapping>-<tie>[-refmodel]`` run ``compute_preference_loss``
 (the light path under ``PreferenceTrainer``) the same way, pairs split over ranks, with
 precomputed reference log-probs or a reference model wrapped the same way; cases
-``precompute-<wrapping>-<tie>`` run ``precompute_ref_logps`` on a wrapped reference.
+``precompute-<wrapping>-<tie>`` run ``precompute_ref_logps`` on a wrapped reference;
+``fsdp1-root`` / ``fsdp1-head``: FSDP1 with the head in the root unit (gradients checked) / in
+its own unit (must raise).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
             "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied",
-            "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "precompute-head-untied", "precompute-root-tied"))
+            "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "fsdp1-root", "fsdp1-head", "precompute-head-untied", "precompute-root-tied"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -187,6 +189,8 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     """Errors (empty: passed) and a note for the verdict line."""
     if case == "guard":
         return run_guard(), ""
+    if case.startswith("fsdp1-"):
+        return run_fsdp1(case, rank, world), ""
     if case.startswith("precompute-"):
         return run_precompute(case), ""
     if case.startswith("pref-"):
@@ -407,6 +411,38 @@ def run_precompute(case: str) -> list[str]:
         for k in ("ref_chosen_logps", "ref_rejected_logps"):
             if abs(w[k] - g[k]) > 1e-4 * (1 + abs(w[k])):
                 errors.append(f"{case}: pair {w['pair']} {k}: {g[k]} != {w[k]}")
+    return errors
+
+
+def run_fsdp1(case: str, rank: int, world: int) -> list[str]:
+    """FSDP1 (deprecated): the head in the root unit is correct; a head wrapped alone raises."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    layout = case.split("-")[1]
+    base = build(False)
+    ref = reference(copy.deepcopy(base))
+    model = copy.deepcopy(base)
+    patch_model(model, backend="torch", filter_eps=None)
+    cpu = torch.device("cpu")
+    if layout == "head":
+        model.lm_head = FSDP(model.lm_head, device_id=cpu, use_orig_params=True)
+    wrapped = FSDP(model, device_id=cpu, use_orig_params=True)
+    ids, labels, attention = batches(0)
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    n_global = (labels[:, 1:] != -100).sum()
+    try:
+        out = wrapped(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
+                      num_items_in_batch=n_global.float() / world)
+    except UnsupportedHeadLayout as err:
+        return [] if layout == "head" and "FSDP1" in str(err) else [f"{case}: raised {err}"]
+    if layout == "head":
+        return [f"{case}: a head wrapped alone by FSDP1 did not raise"]
+    out.loss.backward()
+    errors = []
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        for n, p in model.named_parameters():
+            if not torch.allclose(p.grad, ref["grads"][n], **TOL):
+                errors.append(f"{case} rank {rank}: grad {n} differs")
     return errors
 
 
