@@ -75,8 +75,9 @@ def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
     """The FSDP2 state and ``FSDPParam`` that manage ``weight`` in any of its states (sharded,
     resharded to a smaller mesh after forward, unsharded), or None.
 
-    Reads FSDP2 internals (torch 2.4-2.13 layout); when they are not the ones known here, a
-    DTensor weight raises rather than being gathered behind FSDP's back.
+    Reads FSDP2 internals (``FSDPParam`` of torch 2.13, tested; the single-group layout of
+    older releases is read too); when they are not the ones known here, a DTensor weight
+    raises rather than being gathered behind FSDP's back.
     """
     try:
         for _module, state in _fsdp_states(model):
@@ -91,7 +92,7 @@ def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
         if _is_dtensor(weight):
             raise UnsupportedHeadLayout(
                 f"cannot tell whether FSDP2 shards the LM head weight in this torch version "
-                f"({err}); apo-kernels knows the FSDP2 internals of torch 2.4-2.13"
+                f"({err}); apo-kernels was tested with the FSDP2 internals of torch 2.13"
             ) from err
     return None
 
@@ -146,7 +147,9 @@ def _is_ancestor(module: nn.Module, head: nn.Module) -> bool:
 
 
 def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
-    """FSDP1 (``FullyShardedDataParallel`` wrappers): not supported when it shards the head."""
+    """FSDP1 (``FullyShardedDataParallel``, deprecated): refused when it holds the head sharded
+    where we read it (a head in its own unit, or a root unit whose forward is not running);
+    a head in the root unit, read during the model's forward, is unsharded and correct."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
@@ -155,9 +158,11 @@ def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
         weight.numel() == 0 and any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
     ):
         raise UnsupportedHeadLayout(
-            "FSDP1 (FullyShardedDataParallel) shards the LM head: its gradient would bypass "
-            "FSDP's reduce-scatter. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: "
-            "fsdp_version: 2), or keep the head in the root FSDP1 unit"
+            "FSDP1 (FullyShardedDataParallel) holds the LM head sharded here (a head wrapped in its "
+            "own unit, or the backbone and head called outside the root unit's forward): its "
+            "gradient would bypass FSDP's reduce-scatter. Use FSDP2 (torch.distributed.fsdp."
+            "fully_shard; accelerate: fsdp_version: 2), or keep the head in the root FSDP1 unit "
+            "and call the patched model itself"
         )
     return None
 
