@@ -170,10 +170,10 @@ def _refuse_fsdp_sharded(model: nn.Module, head: nn.Module, weight: Tensor) -> N
     gradients, e.g. a frozen reference model, gathering is exact.)"""
     if fsdp2_owner(model, head, weight) is not None:
         raise UnsupportedHeadLayout(
-            "the LM head weight is sharded by its own FSDP2 group and would be gathered outside "
-            "it, so its gradient would skip FSDP's reduce-scatter: use the patched model "
-            "(`patch_model(model)`, then `model(..., labels=...)`), which runs the head through "
-            "its FSDP group, or put the head in the root's group"
+            "the LM head weight is sharded by an FSDP2 group whose forward is not running, and "
+            "gathering it here would make its gradient skip FSDP's reduce-scatter: use the "
+            "patched model (`patch_model(model)`, then `model(..., labels=...)`) or "
+            "`compute_preference_loss`, which run the head inside its FSDP group"
         )
 
 
