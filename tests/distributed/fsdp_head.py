@@ -34,7 +34,7 @@ checked like any other if a later torch accepts them).
 Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
 ``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
 (``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh), ``twice``
-(two patched forwards before one backward), ``accum`` (gradient accumulation over two
+(two patched forwards before one backward), ``late`` (``patch_model`` after ``fully_shard``), ``accum`` (gradient accumulation over two
 micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
 2-rank mesh; :data:`CASES_4` is launched separately), ``trl`` (TRL's ``add_fused_lm_head`` forward with
@@ -77,7 +77,7 @@ WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "r
 TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
-            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice",
+            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice", "head-untied-late",
             "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
@@ -215,13 +215,16 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
             return _run_steps(case, model, ref, rank, world, wrapping, variant, tied)
         finally:
             apo_trl.disable()
+    if variant == "late":  # patch_model after fully_shard
+        wrap(model, wrapping, variant)
     patch_model(model, backend=backend, filter_eps=None, outputs=("entropy",))
     return _run_steps(case, model, ref, rank, world, wrapping, variant, tied)
 
 
 def _run_steps(case: str, model: LlamaForCausalLM, ref: dict, rank: int, world: int, wrapping: str,
                variant: str, tied: bool) -> tuple[list[str], str]:
-    wrap(model, wrapping, variant)
+    if variant != "late":
+        wrap(model, wrapping, variant)
     opt = optimizer(model)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     errors: list[str] = []
