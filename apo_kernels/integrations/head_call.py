@@ -34,6 +34,7 @@ __all__ = [
     "call_through",
     "fsdp2_owner",
     "fsdp_root",
+    "gathered_fsdp_param",
     "head_owner",
 ]
 
@@ -124,14 +125,19 @@ def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
     state, fsdp_param = found
     if getattr(fsdp_param, "_unsharded_param", None) is weight:
         return None  # unsharded now: the owner's pre-forward has run
+    return _module_to_call(state, fsdp_param, head)
+
+
+def _module_to_call(state: Any, fsdp_param: Any, head: nn.Module | None) -> nn.Module:
+    """The module of ``state``'s group to call for ``fsdp_param``: the head itself if it is in
+    the group (its hooks then see "the head ran"), else the group's module that holds the
+    parameter, when it does not contain the head (calling an ancestor of the running code)."""
     modules = tuple(getattr(state, "_modules", ()))
     info = fsdp_param._module_info
     holders = [info.module, *getattr(info, "shared_modules", ())]
-    # Prefer the head itself (its group's hooks then see "the head ran"), else the module of the
-    # group that holds the parameter, when it is a leaf-like module we may call out of order.
-    candidates = [head] + [m for m in holders if m is not head]
+    candidates = ([head] if head is not None else []) + [m for m in holders if m is not head]
     for module in candidates:
-        if module in modules and not _is_ancestor(module, head):
+        if module in modules and not any(_is_ancestor(module, h) for h in [*holders, head] if h is not None):
             return module
     names = ", ".join(type(m).__name__ for m in modules) or "?"
     raise UnsupportedHeadLayout(
@@ -144,6 +150,62 @@ def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
 
 def _is_ancestor(module: nn.Module, head: nn.Module) -> bool:
     return module is not head and any(m is head for m in module.modules())
+
+
+def gathered_fsdp_param(weight: Tensor) -> tuple[nn.Module, nn.Module, str] | None:
+    """When ``weight`` is ``p.full_tensor()`` (or a cast of it) of a parameter ``p`` that an
+    FSDP2 group holds sharded, ``(module to call, module holding p, p's attribute name)``;
+    else None.
+
+    For callers handed an already gathered head (TRL's fused forward gathers a sharded
+    ``lm_head.weight`` itself): the gather's gradient would skip FSDP's reduce-scatter, so the
+    caller recomputes through :func:`call_through` on the returned module, reading the
+    unsharded parameter from the holder. Finds the FSDP state through torch's registry of
+    composable states (private; None when it is missing).
+    """
+    if not (_is_dtensor_param_source(weight)):
+        return None
+    param = _leaf_of(weight)
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return None
+    seen: set[int] = set()
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        if state is None or id(state) in seen or not hasattr(state, "_modules"):
+            continue
+        seen.add(id(state))
+        for group in _param_groups(state):
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                forms = (getattr(fsdp_param, "sharded_param", None),
+                         getattr(fsdp_param, "_sharded_post_forward_param", None))
+                if any(f is param for f in forms):
+                    info = fsdp_param._module_info
+                    return _module_to_call(state, fsdp_param, None), info.module, info.param_name
+    return None
+
+
+def _is_dtensor_param_source(weight: Tensor) -> bool:
+    return weight.requires_grad and weight.grad_fn is not None and _leaf_of(weight) is not None
+
+
+def _leaf_of(weight: Tensor, depth: int = 4) -> Tensor | None:
+    """The DTensor leaf parameter a few autograd nodes above ``weight`` along a chain of
+    single-input nodes (full_tensor: to-local, redistribute, accumulate; a dtype cast adds
+    one), or None."""
+    node = weight.grad_fn
+    for _ in range(depth):
+        if node is None:
+            return None
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            return variable if _is_dtensor(variable) else None
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return None  # not a plain gather of one parameter
+        node = inputs[0]
+    return None
 
 
 def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:

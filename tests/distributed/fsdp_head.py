@@ -38,8 +38,8 @@ Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the h
 micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
 2-rank mesh; :data:`CASES_4` is launched separately), ``trl`` (TRL's ``add_fused_lm_head`` forward with
-``apo_kernels.integrations.trl.enable()`` instead of ``patch_model``: only layouts where the
-head is unsharded when TRL reads it, since TRL gathers a sharded head itself). The case
+``apo_kernels.integrations.trl.enable()`` instead of ``patch_model``; TRL gathers a sharded
+head itself with ``full_tensor()``, and our function recomputes through the head's group). The case
 ``guard`` checks that gathering a sharded head where gradients flow raises instead of computing
 a wrong gradient. Cases ``pref-<wrapping>-<tie>[-refmodel]`` run ``compute_preference_loss``
 (the light path under ``PreferenceTrainer``) the same way, pairs split over ranks, with
@@ -68,7 +68,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from apo_kernels import FusedLinearPreferenceLoss
-from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head
+from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head, gathered_fsdp_param
 from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
 from apo_kernels.integrations.transformers import output_head, patch_model
 
@@ -82,7 +82,8 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
             "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied",
-            "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "fsdp1-root", "fsdp1-head", "precompute-head-untied", "precompute-root-tied"))
+            "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "head-untied-trl",
+            "head_embed-tied-trl", "fsdp1-root", "fsdp1-head", "precompute-head-untied", "precompute-root-tied"))
 CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
@@ -465,6 +466,18 @@ def run_guard() -> list[str]:
         weight, _ = output_head(head_alone)
     if not torch.equal(weight, base.lm_head.weight):
         errors.append("guard: output_head() under no_grad is not the full weight")
+
+    # A gather that FSDP does not manage (tensor parallelism's Shard(0), a plain tensor) is left
+    # alone by the TRL path's detector; a gathered FSDP-sharded head is recognised.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tp = torch.nn.Parameter(distribute_tensor(torch.randn(V, D), mesh, [Shard(0)]))
+    if gathered_fsdp_param(tp.full_tensor()) is not None or gathered_fsdp_param(base.lm_head.weight * 1) is not None:
+        errors.append("guard: gathered_fsdp_param() claims a non-FSDP tensor")
+    found = gathered_fsdp_param(head_alone.lm_head.weight.full_tensor())
+    if found is None or found[0] is not head_alone.lm_head or found[2] != "weight":
+        errors.append(f"guard: gathered_fsdp_param() did not find the FSDP head: {found}")
 
     root = copy.deepcopy(base)  # root-only, before any forward: the root's params are sharded
     wrap(root, "root")
