@@ -34,7 +34,7 @@ checked like any other if a later torch accepts them).
 Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
 ``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
 (``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh), ``twice``
-(two patched forwards before one backward), ``late`` (``patch_model`` after ``fully_shard``), ``accum`` (gradient accumulation over two
+(two patched forwards before one backward), ``late`` (``patch_model`` after ``fully_shard``), ``bias`` (a head bias), ``accum`` (gradient accumulation over two
 micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
 2-rank mesh; :data:`CASES_4` is launched separately), ``trl`` (TRL's ``add_fused_lm_head`` forward with
@@ -77,7 +77,7 @@ WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "r
 TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
-            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice", "head-untied-late",
+            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice", "head-untied-late", "head-untied-bias",
             "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
@@ -89,7 +89,7 @@ TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
 
 
-def build(tied: bool) -> LlamaForCausalLM:
+def build(tied: bool, bias: bool = False) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                       tie_word_embeddings=tied)
@@ -97,6 +97,8 @@ def build(tied: bool) -> LlamaForCausalLM:
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a peaked distribution, as a trained head gives
         model.get_output_embeddings().weight.mul_(6.0)
+    if bias:  # Llama has no head bias; some architectures do (the op takes it)
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(V, generator=torch.Generator().manual_seed(5)))
     return model.float().train()
 
 
@@ -200,7 +202,7 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     variant = rest[0] if rest else ""
     backend = "triton" if variant == "triton" else "torch"
     tied = tie == "tied"
-    base = build(tied)
+    base = build(tied, bias=variant == "bias")
     ref = reference(copy.deepcopy(base), variant)
 
     model = copy.deepcopy(base)
