@@ -30,7 +30,15 @@ from ..preference import (
 )
 from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
 from .collator import PreferenceCollator
-from .transformers import head_transform, hidden_states, output_head, unwrap_model
+from .head_call import call_head, call_through, fsdp_root
+from .transformers import (
+    _head_module,
+    backbone,
+    head_transform,
+    hidden_states,
+    output_head,
+    unwrap_model,
+)
 
 __all__ = ["PreferenceTrainer", "compute_preference_loss", "model_inputs", "precompute_ref_logps"]
 
@@ -62,20 +70,36 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _in_root(model: nn.Module, fn: Any) -> tuple:
+    """``fn()`` inside the forward of ``model``'s FSDP2 root, if it has one (see
+    :func:`~apo_kernels.integrations.head_call.fsdp_root`): we call the backbone and the head
+    separately, and only the root's pre-forward unshards the parameters its group holds."""
+    root = fsdp_root(model, backbone(model))
+    return call_through(root, fn) if root is not None else tuple(fn())
+
+
 def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dict[str, Tensor]
                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     with torch.no_grad():
         if ref_model is not None:
-            ref_weight, ref_bias = output_head(ref_model)
-            return hidden_states(ref_model, **inputs), ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+            def ref_forward() -> tuple:
+                ref_weight, ref_bias = output_head(ref_model)  # no gradient: gathering is exact
+                return (hidden_states(ref_model, **inputs), ref_weight.detach(),
+                        None if ref_bias is None else ref_bias.detach())
+
+            return _in_root(ref_model, ref_forward)
         if _is_peft(model):
             # The frozen base model is the reference: same head, adapters off.
             with model.disable_adapter():
-                return hidden_states(model, **inputs), None, None
+                return _in_root(model, lambda: (hidden_states(model, **inputs),))[0], None, None
     raise ValueError(
         "no reference: pass `ref_model`, precomputed `ref_chosen_logps`/`ref_rejected_logps` in the "
         "batch (see precompute_ref_logps), or train a PEFT model (its base is the reference)"
     )
+
+
+_OUTPUT_TENSORS = ("loss", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
+                   "ref_rejected_logps")
 
 
 def compute_preference_loss(
@@ -86,6 +110,10 @@ def compute_preference_loss(
     ref_model: nn.Module | None = None,
 ) -> PreferenceLossOutput:
     """Preference loss of a causal LM on one collated batch, without ``[tokens, vocab]`` logits.
+
+    Under FSDP2 (``fully_shard``) the backbone runs inside the root's forward and the head
+    inside the forward of the group that shards it, so FSDP unshards, casts and reduce-scatters
+    as for the model's own forward (see :mod:`apo_kernels.integrations.head_call`).
 
     Args:
         model: the policy (a transformers causal LM, possibly PEFT-wrapped).
@@ -98,10 +126,8 @@ def compute_preference_loss(
         :class:`~apo_kernels.PreferenceLossOutput` (``loss`` differentiable, ``metrics`` detached).
     """
     loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
-    weight, bias = output_head(model)
-    device = weight.device
+    device = output_head(model, gather=False)[0].device
     inputs = model_inputs(batch, device)
-    hidden, labels, seq_ids = _shifted(batch, hidden_states(model, **inputs), device)
 
     config = dict(loss_fn.config)
     transform = head_transform(unwrap_model(model).config)
@@ -117,15 +143,35 @@ def compute_preference_loss(
     else:
         ref_hidden, ref_weight, ref_bias = _reference_hidden(model, ref_model, inputs)
         ref.update(ref_hidden=ref_hidden[:, :-1].to(device), ref_weight=ref_weight, ref_bias=ref_bias)
-        if ref_weight is None:
-            ref["ref_bias"] = None if bias is None else bias.detach()
-    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
-        hidden = hidden.to(weight.dtype)
-    if "ref_hidden" in ref:
-        rw = ref["ref_weight"] if ref["ref_weight"] is not None else weight
-        if ref["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
-            ref["ref_hidden"] = ref["ref_hidden"].to(rw.dtype)
-    return fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **ref, **config)
+
+    metric_keys: list[str] = []
+
+    def head_op(_weight: Tensor, _bias: Tensor | None, hidden: Tensor, labels: Tensor,
+                seq_ids: Tensor | None) -> tuple:
+        # Inside the forward of the group that shards the head, if any: output_head then reads
+        # the unsharded parameters (see head_call.call_head).
+        weight, bias = output_head(model)
+        kw = dict(ref)
+        if "ref_hidden" in kw and kw["ref_weight"] is None:  # PEFT: the policy's own head
+            kw["ref_bias"] = None if bias is None else bias.detach()
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
+            hidden = hidden.to(weight.dtype)
+        if "ref_hidden" in kw:
+            rw = kw["ref_weight"] if kw["ref_weight"] is not None else weight
+            if kw["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
+                kw["ref_hidden"] = kw["ref_hidden"].to(rw.dtype)
+        out = fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **kw, **config)
+        metric_keys[:] = list(out.metrics)
+        return (*(getattr(out, k) for k in _OUTPUT_TENSORS), *out.metrics.values())
+
+    def policy() -> tuple:
+        hidden, labels, seq_ids = _shifted(batch, hidden_states(model, **inputs), device)
+        return call_head(model, _head_module(model), head_op, hidden, labels, seq_ids)
+
+    flat = _in_root(model, policy)
+    n = len(_OUTPUT_TENSORS)
+    return PreferenceLossOutput(**dict(zip(_OUTPUT_TENSORS, flat[:n])),
+                                metrics=dict(zip(metric_keys, flat[n:])))
 
 
 @torch.no_grad()
@@ -178,7 +224,8 @@ def precompute_ref_logps(
         with adapters_off:
             for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=not progress):
                 inputs = model_inputs(batch, device)
-                hidden, labels, seq_ids = _shifted(batch, hidden_states(ref_model, **inputs), device)
+                hidden = _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0]  # noqa: B023
+                hidden, labels, seq_ids = _shifted(batch, hidden, device)
                 tok = linear_logprobs(hidden.to(weight.dtype), weight, labels, bias, temperature=temperature,
                                       logit_scale=transform.logit_scale, softcap=transform.softcap)
                 mask = labels != -100

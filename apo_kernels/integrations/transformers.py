@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
 from ..ops.checks import check_options, check_real
+from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner
 
 __all__ = [
     "STAT_OUTPUTS",
@@ -138,13 +139,48 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
 
     Tied embeddings need nothing special: the head's weight is the input embedding's parameter,
     so its gradient accumulates in one place. With FSDP2 the head's parameters are DTensors;
-    ``gather=True`` returns their full (differentiable) tensors, gathered once per call. A
-    tensor-parallel head (DTensor ``Shard(0)`` on a 1-D mesh, no FSDP in the model) is returned
-    sharded: ``linear_logprobs`` runs vocabulary-parallel on it.
+    ``gather=True`` returns their full (differentiable) tensors, gathered once per call, except
+    a weight sharded by FSDP2 that needs a gradient: its gradient would skip FSDP's
+    reduce-scatter, so that raises (the patched forward runs the head inside its FSDP group
+    instead, see :mod:`apo_kernels.integrations.head_call`). A tensor-parallel head (DTensor
+    ``Shard(0)`` on a 1-D mesh, no FSDP in the model) is returned sharded: ``linear_logprobs``
+    runs vocabulary-parallel on it.
 
     Raises:
         ValueError: the model has no output embedding, or a head this module cannot read.
+        UnsupportedHeadLayout (a ValueError): an FSDP2-sharded weight gathered with gradients on.
     """
+    head = _head_module(model)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"the output embedding of `model` ({type(head).__name__}) has no 2-D `weight` [V, D]"
+        )
+    bias = getattr(head, "bias", None)
+    if not isinstance(bias, Tensor):
+        bias = None
+    if gather and torch.is_grad_enabled() and weight.requires_grad:
+        _refuse_fsdp_sharded(model, head, weight)
+    if gather and not _tensor_parallel_head(model, weight):
+        weight, bias = _full_tensor(weight), _full_tensor(bias)
+    return weight, bias
+
+
+def _refuse_fsdp_sharded(model: nn.Module, head: nn.Module, weight: Tensor) -> None:
+    """Gathering an FSDP-sharded head with ``full_tensor()`` where gradients flow gives a gradient
+    that skips FSDP's reduce-scatter (silently wrong): refuse and say what works. (Without
+    gradients, e.g. a frozen reference model, gathering is exact.)"""
+    if fsdp2_owner(model, head, weight) is not None:
+        raise UnsupportedHeadLayout(
+            "the LM head weight is sharded by an FSDP2 group whose forward is not running, and "
+            "gathering it here would make its gradient skip FSDP's reduce-scatter: use the "
+            "patched model (`patch_model(model)`, then `model(..., labels=...)`) or "
+            "`compute_preference_loss`, which run the head inside its FSDP group"
+        )
+
+
+def _head_module(model: nn.Module) -> nn.Module:
+    """The output embedding module (``get_output_embeddings()``), checked."""
     inner = unwrap_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -159,17 +195,7 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
             "LoRA on the LM head is not supported: target the attention/MLP modules instead, or "
             "merge the head adapter before patching"
         )
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"the output embedding of `model` ({type(head).__name__}) has no 2-D `weight` [V, D]"
-        )
-    bias = getattr(head, "bias", None)
-    if not isinstance(bias, Tensor):
-        bias = None
-    if gather and not _tensor_parallel_head(model, weight):
-        weight, bias = _full_tensor(weight), _full_tensor(bias)
-    return weight, bias
+    return head
 
 
 def _tensor_parallel_head(model: nn.Module, weight: Tensor) -> bool:
@@ -355,21 +381,28 @@ def _logprobs_forward(
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:  # pre-shifted (context / sequence parallel): score every position
         targets = shift_labels
-    weight, bias = output_head(model)
-    # A device_map can put the head on another device than the end of the backbone.
-    hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(weight.dtype)  # e.g. an fp32 head on a bf16 backbone
-
     wanted = set(state.outputs) | set(extra_outputs)
-    res = linear_logprobs(
-        hidden, weight, targets, bias, ignore_index=state.ignore_index,
-        temperature=state.temperature, logit_scale=state.transform.logit_scale,
-        softcap=state.transform.softcap, return_entropy="entropy" in wanted,
-        return_stats=bool(wanted - {"entropy"}), **state.op_kwargs,
-    )
-    if not isinstance(res, LinearLogprobsOutput):
-        res = LinearLogprobsOutput(res, None, None, None, None)
+
+    def head_op(_weight: Tensor, _bias: Tensor | None, hidden: Tensor, targets: Tensor) -> tuple:
+        # Runs inside the forward of the module that manages the head weight when it is sharded
+        # (FSDP2 group of the head): `weight` is then the unsharded parameter, whose gradient
+        # FSDP's post-backward reduce-scatters. output_head re-reads it from the module and
+        # applies the gathering policy for other DTensor layouts.
+        weight, bias = output_head(model)
+        # A device_map can put the head on another device than the end of the backbone.
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(weight.dtype)  # e.g. an fp32 head on a bf16 backbone
+        res = linear_logprobs(
+            hidden, weight, targets, bias, ignore_index=state.ignore_index,
+            temperature=state.temperature, logit_scale=state.transform.logit_scale,
+            softcap=state.transform.softcap, return_entropy="entropy" in wanted,
+            return_stats=bool(wanted - {"entropy"}), **state.op_kwargs,
+        )
+        return (res, None, None, None, None) if isinstance(res, Tensor) else tuple(res)
+
+    res = LinearLogprobsOutput(*call_head(model, _head_module(model), head_op, hidden, targets))
+    targets = targets.to(res.logprobs.device)
     mask = targets != state.ignore_index
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
     if isinstance(denom, Tensor):

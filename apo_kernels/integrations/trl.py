@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
+from .head_call import call_through, gathered_fsdp_param
 
 __all__ = ["ApoLogProbFunction", "disable", "enable", "enabled", "is_enabled"]
 
@@ -68,32 +69,49 @@ class ApoLogProbFunction:
         outputs: tuple[str, ...] = _TRL_OPTIONAL,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         del chunk_size
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        if not autocast and weight.dtype != hidden.dtype:
-            # TRL casts the head to the compute dtype (the hidden states' dtype outside autocast,
-            # e.g. fp32 hidden states with `cast_lm_head_to_fp32`); a differentiable cast.
-            weight = weight.to(hidden.dtype)
-        want_entropy = "entropy" in outputs
-        want_stats = any(o in outputs for o in ("log_sum_sq_probs", "mean_logits", "is_top1"))
-        res = linear_logprobs(
-            hidden, weight, targets, bias,
-            ignore_index=-100,  # TRL passes only valid targets (or clamped ones): nothing is -100
-            temperature=float(temperature),
-            logit_scale=1.0 if logit_scale is None else float(logit_scale),
-            softcap=final_logit_softcapping or None,
-            return_entropy=want_entropy,
-            return_stats=want_stats,
-            **_options,
-        )
-        if not isinstance(res, LinearLogprobsOutput):
-            return res, None, None, None, None
-        return (
-            res.logprobs,
-            res.entropy if want_entropy else None,
-            res.log_sum_p2 if "log_sum_sq_probs" in outputs else None,
-            res.mean_logit if "mean_logits" in outputs else None,
-            res.is_top1 if "is_top1" in outputs else None,
-        )
+        args = (temperature, final_logit_softcapping, logit_scale, outputs)
+        source = gathered_fsdp_param(weight)
+        if source is not None:
+            # TRL gathered an FSDP2-sharded head with full_tensor(), whose gradient would skip
+            # FSDP's reduce-scatter: recompute inside the forward of the head's FSDP group,
+            # from the unsharded parameters (TRL's gathered copy then gets no gradient).
+            owner, holder, name = source
+            return call_through(owner, lambda h, t: _logprobs(
+                h, getattr(holder, name), None if bias is None else getattr(holder, "bias", None), t, *args),
+                hidden, targets)
+        return _logprobs(hidden, weight, bias, targets, *args)
+
+
+def _logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+              final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...]
+              ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``ApoLogProbFunction.apply`` on a weight that needs no FSDP routing."""
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if not autocast and weight.dtype != hidden.dtype:
+        # TRL casts the head to the compute dtype (the hidden states' dtype outside autocast,
+        # e.g. fp32 hidden states with `cast_lm_head_to_fp32`); a differentiable cast.
+        weight = weight.to(hidden.dtype)
+    want_entropy = "entropy" in outputs
+    want_stats = any(o in outputs for o in ("log_sum_sq_probs", "mean_logits", "is_top1"))
+    res = linear_logprobs(
+        hidden, weight, targets, bias,
+        ignore_index=-100,  # TRL passes only valid targets (or clamped ones): nothing is -100
+        temperature=float(temperature),
+        logit_scale=1.0 if logit_scale is None else float(logit_scale),
+        softcap=final_logit_softcapping or None,
+        return_entropy=want_entropy,
+        return_stats=want_stats,
+        **_options,
+    )
+    if not isinstance(res, LinearLogprobsOutput):
+        return res, None, None, None, None
+    return (
+        res.logprobs,
+        res.entropy if want_entropy else None,
+        res.log_sum_p2 if "log_sum_sq_probs" in outputs else None,
+        res.mean_logit if "mean_logits" in outputs else None,
+        res.is_top1 if "is_top1" in outputs else None,
+    )
 
 
 def _always_compact(device: torch.device) -> bool:
