@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
 from ..ops.checks import check_options, check_real
+from .zero3 import full_shape, is_zero3_gathered, zero3_head_owner
 
 __all__ = [
     "STAT_OUTPUTS",
@@ -143,6 +144,38 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     Raises:
         ValueError: the model has no output embedding, or a head this module cannot read.
     """
+    head = _head_module(model)
+    if hasattr(head, "lora_A"):
+        # PEFT LoRA on the head itself: `.weight` would be the frozen base weight only.
+        raise ValueError(
+            "LoRA on the LM head is not supported: target the attention/MLP modules instead, or "
+            "merge the head adapter before patching"
+        )
+    weight = getattr(head, "weight", None)
+    # full_shape: a ZeRO-3 partitioned weight is 1-D with 0 elements outside its module's forward.
+    if not isinstance(weight, Tensor) or len(full_shape(weight)) != 2:
+        raise ValueError(
+            f"the output embedding of `model` ({type(head).__name__}) has no 2-D `weight` [V, D]"
+        )
+    bias = getattr(head, "bias", None)
+    if not isinstance(bias, Tensor):
+        bias = None
+    if gather:
+        for t in (weight, bias):
+            if t is not None and not is_zero3_gathered(t):
+                raise ValueError(
+                    f"the LM head's weight is partitioned by DeepSpeed ZeRO-3 (full shape "
+                    f"{list(full_shape(t))}, {t.numel()} elements on this rank) and this call reads "
+                    "it outside the head module's hooks: use `patch_model` (it calls the head "
+                    "through its module), or gather it with `deepspeed.zero.GatheredParameters` "
+                    "for a forward without backward"
+                )
+        weight, bias = _full_tensor(weight), _full_tensor(bias)
+    return weight, bias
+
+
+def _head_module(model: nn.Module) -> nn.Module:
+    """The output embedding module (``get_output_embeddings()``) of the model inside wrappers."""
     inner = unwrap_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -151,23 +184,7 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
             f"`model` ({type(inner).__name__}) has no output embedding "
             "(get_output_embeddings() returned None): apo-kernels needs a causal LM with an LM head"
         )
-    if hasattr(head, "lora_A"):
-        # PEFT LoRA on the head itself: `.weight` would be the frozen base weight only.
-        raise ValueError(
-            "LoRA on the LM head is not supported: target the attention/MLP modules instead, or "
-            "merge the head adapter before patching"
-        )
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"the output embedding of `model` ({type(head).__name__}) has no 2-D `weight` [V, D]"
-        )
-    bias = getattr(head, "bias", None)
-    if not isinstance(bias, Tensor):
-        bias = None
-    if gather:
-        weight, bias = _full_tensor(weight), _full_tensor(bias)
-    return weight, bias
+    return head
 
 
 def _full_tensor(t: Tensor | None) -> Tensor | None:
@@ -339,21 +356,45 @@ def _logprobs_forward(
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:  # pre-shifted (context / sequence parallel): score every position
         targets = shift_labels
-    weight, bias = output_head(model)
-    # A device_map can put the head on another device than the end of the backbone.
-    hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(weight.dtype)  # e.g. an fp32 head on a bf16 backbone
-
     wanted = set(state.outputs) | set(extra_outputs)
-    res = linear_logprobs(
-        hidden, weight, targets, bias, ignore_index=state.ignore_index,
-        temperature=state.temperature, logit_scale=state.transform.logit_scale,
-        softcap=state.transform.softcap, return_entropy="entropy" in wanted,
-        return_stats=bool(wanted - {"entropy"}), **state.op_kwargs,
-    )
-    if not isinstance(res, LinearLogprobsOutput):
-        res = LinearLogprobsOutput(res, None, None, None, None)
+
+    def head_op(hidden: Tensor, targets: Tensor) -> LinearLogprobsOutput:
+        # Reads the head's parameters here, not earlier: under ZeRO-3 they are whole only
+        # while the head module's forward hooks hold them gathered (see integrations/zero3.py).
+        weight, bias = output_head(model)
+        # A device_map can put the head on another device than the end of the backbone.
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(weight.dtype)  # e.g. an fp32 head on a bf16 backbone
+        res = linear_logprobs(
+            hidden, weight, targets, bias, ignore_index=state.ignore_index,
+            temperature=state.temperature, logit_scale=state.transform.logit_scale,
+            softcap=state.transform.softcap, return_entropy="entropy" in wanted,
+            return_stats=bool(wanted - {"entropy"}), **state.op_kwargs,
+        )
+        if not isinstance(res, LinearLogprobsOutput):
+            res = LinearLogprobsOutput(res, None, None, None, None)
+        return res
+
+    # ---- BEGIN ZeRO-3 redirection (branch wt-zero3; to be replaced at merge by head_call.py's
+    # "call the head through its owner module's hooks", with zero3_head_owner as one more rule).
+    owner = zero3_head_owner(_head_module(model))
+    if owner is None:
+        res = head_op(hidden, targets)
+    else:
+        # The owner's hooks gather its parameters before our forward, wrap our outputs so the
+        # parameters are gathered again before our backward, and reduce-scatter dW.
+        saved = owner.__dict__.get("forward")
+        owner.forward = head_op  # instance attribute: nn.Module.__call__ runs it between the hooks
+        try:
+            res = owner(hidden, targets)
+        finally:
+            if saved is None:
+                del owner.forward
+            else:
+                owner.forward = saved
+    # ---- END ZeRO-3 redirection
+    targets = targets.to(res.logprobs.device)
     mask = targets != state.ignore_index
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
     if isinstance(denom, Tensor):
@@ -390,8 +431,8 @@ def verify_patch(model: nn.Module, *, seq_len: int = 8, atol: float | None = Non
     state: _PatchState | None = getattr(inner, _PATCH_ATTR, None)
     if state is None:
         raise ValueError("`model` is not patched: call patch_model(model) first")
-    weight, _ = output_head(inner)
-    vocab = weight.shape[0]
+    weight, _ = output_head(inner, gather=False)  # only its shape, dtype, device (ZeRO-3 safe)
+    vocab = full_shape(weight)[0]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(weight.device)
     was_training = inner.training
