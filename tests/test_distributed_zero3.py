@@ -1,0 +1,27 @@
+"""DeepSpeed ZeRO-3 + patch_model under ``torchrun --nproc_per_node=2`` (gloo, DeepSpeed's CPU
+accelerator), compared with one process: log-probs, entropy, loss, every gradient, weights after
+two optimizer steps; tied and untied heads (worker: tests/distributed/zero3_patch_model.py).
+
+Skips without DeepSpeed (``pip install 'apo-kernels[zero3]'``). The first run on a machine also
+compiles DeepSpeed's shared-memory CPU collective (about 30 s, cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.distributed.launch import run_torchrun
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("transformers") is None,
+    reason="needs deepspeed and transformers: pip install 'apo-kernels[zero3]'",
+)
+
+
+def test_zero3_patch_model_matches_one_process():
+    out = run_torchrun("zero3_patch_model.py", "untied", "tied", timeout=420.0,
+                       env={"DS_ACCELERATOR": "cpu"})
+    for layout in ("untied", "tied"):
+        assert f"zero3 {layout}: logprobs, entropy, loss" in out, out[-3000:]
