@@ -2,8 +2,8 @@
 accelerator), compared with one process: log-probs, entropy, loss, every gradient, weights after
 two optimizer steps; tied and untied heads (worker: tests/distributed/zero3_patch_model.py).
 
-Skips without DeepSpeed (``pip install 'apo-kernels[zero3]'``). The first run on a machine also
-compiles DeepSpeed's shared-memory CPU collective (about 30 s, cached in ~/.cache/torch_extensions).
+Skips without DeepSpeed (``pip install 'apo-kernels[zero3]'``). The worker skips compiling
+DeepSpeed's shared-memory CPU all-reduce (30-80 s on a fresh machine); ``APO_ZERO3_SHM=1`` keeps it.
 """
 
 from __future__ import annotations
