@@ -232,11 +232,19 @@ class LogprobsCausalLMOutput:
     hidden_states: Any = None
     attentions: Any = None
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str | int | slice) -> Any:
+        # An int or slice indexes the fields that are set, in order, as transformers'
+        # ModelOutput does: HF's Trainer reads the loss of a non-dict output as `outputs[0]`.
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
         return getattr(self, key)
 
     def keys(self) -> list[str]:
         return [k for k in self.__dataclass_fields__ if getattr(self, k) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields that are set (not None), in declaration order (``loss`` first)."""
+        return tuple(getattr(self, k) for k in self.keys())
 
 
 @dataclass(frozen=True)
