@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-3 + patch_model under ``torchrun --nproc_per_node=2`` (gloo, DeepSpeed's CPU
 accelerator), compared with one process: log-probs, entropy, loss, every gradient, weights after
-two optimizer steps; tied and untied heads (worker: tests/distributed/zero3_patch_model.py).
+two optimizer steps; tied and untied heads; and the HF Trainer recipe (``TrainingArguments(deepspeed=...)``,
+a model partitioned while ``from_pretrained`` loads it) for three steps
+(worker: tests/distributed/zero3_patch_model.py).
 
 Skips without DeepSpeed (``pip install 'apo-kernels[zero3]'``). The worker skips compiling
 DeepSpeed's shared-memory CPU all-reduce (30-80 s on a fresh machine); ``APO_ZERO3_SHM=1`` keeps it.
@@ -21,7 +23,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_zero3_patch_model_matches_one_process():
-    out = run_torchrun("zero3_patch_model.py", "untied", "tied", timeout=420.0,
+    out = run_torchrun("zero3_patch_model.py", "untied", "tied", "trainer", timeout=420.0,
                        env={"DS_ACCELERATOR": "cpu"})
     for layout in ("untied", "tied"):
         assert f"zero3 {layout}: logprobs, entropy, loss" in out, out[-3000:]
+    assert "zero3 trainer: from_pretrained under ZeRO-3" in out, out[-3000:]

@@ -8,7 +8,7 @@ steps (different data each step) and each step compares log-probs, entropy and l
 rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
 full weight. Exits non-zero (AssertionError) on any mismatch.
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied ...]
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer ...]
 """
 
 from __future__ import annotations
@@ -160,14 +160,65 @@ def run(tied: bool, rank: int, world: int) -> None:
               flush=True)
 
 
+def run_hf_trainer(rank: int, world: int) -> None:
+    """The HF Trainer recipe: ``TrainingArguments(deepspeed=...)`` before ``from_pretrained``
+    (so the model is partitioned while it loads, before ``patch_model`` sees it), a tied head,
+    AdamW. Every example is the same sequence, so the first logged loss must equal the one-process
+    loss of that sequence whatever the sampler does; then the loss drops and the head moves."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    tok = build_tiny_tokenizer([TEXT])
+    ref = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=5)
+    # Rank 0 saves (transformers writes the config only on the main process), the others wait.
+    folder = [tempfile.mkdtemp(prefix="zero3-trainer-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(folder, src=0)
+    folder = folder[0]
+    if rank == 0:
+        ref.save_pretrained(folder)
+    torch.distributed.barrier()
+    ids, labels = make_batch(len(tok), 1, seed=3)
+    ids, labels = ids[:1], labels[:1]
+    patch_model(ref, backend="torch")
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=labels).loss.item()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    args = TrainingArguments(output_dir=os.path.join(folder, f"out{rank}"), per_device_train_batch_size=MICRO, max_steps=3,
+                             learning_rate=1e-2, deepspeed=ds, use_cpu=True, report_to=[],
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    weight = model.get_output_embeddings().weight
+    assert weight.numel() == 0 and tuple(weight.ds_shape) == (len(tok), 32), "trainer: not partitioned at load"
+    patch_model(model, backend="torch")
+    data = [{"input_ids": ids[0], "labels": labels[0]} for _ in range(4 * world * MICRO)]
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3, losses
+    check("trainer first loss", torch.tensor(losses[0]), torch.tensor(want))
+    assert losses[2] < losses[0] - 1e-3, f"trainer: loss did not drop {losses}"
+    with deepspeed.zero.GatheredParameters([weight]):
+        moved = (weight.data - ref.get_output_embeddings().weight.data).abs().max().item()
+    assert moved > 1e-3, "trainer: the head did not train"
+    if rank == 0:
+        print(f"zero3 trainer: from_pretrained under ZeRO-3, tied, losses {[round(x, 4) for x in losses]} OK",
+              flush=True)
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layouts = sys.argv[1:] or ["untied", "tied"]
+    layouts = sys.argv[1:] or ["untied", "tied", "trainer"]
     for layout in layouts:
-        if layout not in ("untied", "tied"):
-            raise SystemExit(f"unknown layout {layout!r}: expected 'untied' or 'tied'")
-        run(layout == "tied", rank, world)
+        if layout == "trainer":
+            run_hf_trainer(rank, world)
+        elif layout in ("untied", "tied"):
+            run(layout == "tied", rank, world)
+        else:
+            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied' or 'trainer'")
     torch.distributed.destroy_process_group()
 
 
