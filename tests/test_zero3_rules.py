@@ -137,3 +137,21 @@ def test_head_forward_restored_after_an_error():
     with pytest.raises(ValueError, match=r"labels must be in \[0, 53\)"):
         model(input_ids=ids, labels=torch.full_like(ids, 999))  # label out of range
     assert "forward" not in vars(head)
+
+
+def test_unwrap_sees_through_a_deepspeed_engine():
+    """DeepSpeed's engine keeps the model as ``.module`` and its own JSON config as ``.config``
+    (unlike DDP): patching the engine must patch the transformers model inside it."""
+    from apo_kernels.integrations.transformers import is_patched, unwrap_model
+
+    class Engine(nn.Module):  # the two attributes unwrap_model sees on deepspeed.DeepSpeedEngine
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.config = {"zero_optimization": {"stage": 3}}
+
+    model = _tiny()
+    engine = Engine(model)
+    assert unwrap_model(engine) is model
+    assert patch_model(engine, backend="torch") is engine
+    assert is_patched(model) and "forward" not in vars(engine)

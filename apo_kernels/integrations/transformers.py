@@ -104,7 +104,7 @@ def head_transform(config: Any) -> HeadTransform:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers ``PreTrainedModel`` inside a PEFT / DDP / FSDP / compile wrapper.
+    """The transformers ``PreTrainedModel`` inside a PEFT / DDP / FSDP / DeepSpeed / compile wrapper.
 
     LoRA layers are injected in place, so the unwrapped model still runs the adapters.
     """
@@ -113,8 +113,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
-            model = model.module  # DDP / DataParallel
+        elif (isinstance(getattr(model, "module", None), nn.Module)
+              and not hasattr(getattr(model, "config", None), "model_type")):
+            # DDP / DataParallel / DeepSpeed's engine (whose `config` is its own JSON, not a
+            # transformers config); a transformers model with a submodule named `module` stays.
+            model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch.compile
         else:

@@ -100,10 +100,15 @@ def run(tied: bool, rank: int, world: int) -> None:
     model = copy.deepcopy(ref)
     vocab = len(tok)
     patch_model(ref, backend="torch", outputs=("entropy",))
-    patch_model(model, backend="torch", outputs=("entropy",))
     ref_opt = optimizer(ref)
+    # Both orders work: untied patches the model before deepspeed.initialize, tied the engine after.
+    if not tied:
+        patch_model(model, backend="torch", outputs=("entropy",))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model),
                                       config=ds_config())
+    if tied:
+        assert patch_model(engine, backend="torch", outputs=("entropy",)) is engine
+        assert "forward" not in vars(engine) and "forward" in vars(engine.module), "patched the engine itself"
     head = engine.module.get_output_embeddings()
     assert (head.weight is engine.module.get_input_embeddings().weight) == tied, f"{tag}: tying lost"
     # The layout under test: the head weight is partitioned to nothing outside its forward.
