@@ -8,7 +8,7 @@ steps (different data each step) and each step compares log-probs, entropy and l
 rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
 full weight. Exits non-zero (AssertionError) on any mismatch.
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer ...]
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer|dpo ...]
 """
 
 from __future__ import annotations
@@ -213,17 +213,59 @@ def run_hf_trainer(rank: int, world: int) -> None:
               flush=True)
 
 
+def run_dpo(rank: int, world: int) -> None:
+    """TRL's DPOTrainer under ZeRO-3 with ``apo_kernels.integrations.trl.enable()``: TRL's own
+    fused head gathers the partitioned head itself; our op must give the same losses as TRL's
+    own head for two steps (the second loss depends on the first step's gradients)."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from apo_kernels.integrations import trl as apo_trl
+    from apo_kernels.integrations.data import load_preference_dataset, tiny_dataset_path
+
+    records = [r for r in load_preference_dataset(tiny_dataset_path()) if isinstance(r["prompt"], str)][:8]
+    data = datasets.Dataset.from_list(records)
+    tok = build_tiny_tokenizer(records)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    losses = {}
+    for ours in (False, True):
+        args = DPOConfig(output_dir=f"/tmp/zero3-dpo-{rank}-{ours}", max_steps=2, per_device_train_batch_size=2,
+                         learning_rate=5e-3, beta=0.5, logging_steps=1, report_to="none", use_cpu=True,
+                         save_strategy="no", max_length=64, disable_tqdm=True, bf16=False, deepspeed=ds,
+                         seed=0, data_seed=0)
+        model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=1)
+        if ours:
+            apo_trl.enable(backend="torch")
+        try:
+            trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                                 processing_class=tok)
+            trainer.train()
+        finally:
+            apo_trl.disable()
+        losses[ours] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 2, losses
+    check("dpo losses (enable() vs TRL's head)", torch.tensor(losses[True]), torch.tensor(losses[False]))
+    assert losses[True][1] != losses[True][0], f"dpo: the second step did not change the loss {losses}"
+    if rank == 0:
+        print(f"zero3 dpo: TRL DPOTrainer with enable() matches TRL's head {[round(x, 5) for x in losses[True]]} OK",
+              flush=True)
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layouts = sys.argv[1:] or ["untied", "tied", "trainer"]
+    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo"]
     for layout in layouts:
         if layout == "trainer":
             run_hf_trainer(rank, world)
+        elif layout == "dpo":
+            run_dpo(rank, world)
         elif layout in ("untied", "tied"):
             run(layout == "tied", rank, world)
         else:
-            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied' or 'trainer'")
+            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer' or 'dpo'")
     torch.distributed.destroy_process_group()
 
 
