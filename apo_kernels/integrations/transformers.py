@@ -170,8 +170,9 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
                     f"the LM head's weight is partitioned by DeepSpeed ZeRO-3 (full shape "
                     f"{list(full_shape(t))}, {t.numel()} elements on this rank) and this call reads "
                     "it outside the head module's hooks: use `patch_model` (it calls the head "
-                    "through its module), or gather it with `deepspeed.zero.GatheredParameters` "
-                    "for a forward without backward"
+                    "through its module) or TRL with `apo_kernels.integrations.trl.enable()`, or "
+                    "gather it with `deepspeed.zero.GatheredParameters` for a forward without "
+                    "backward (compute_preference_loss / PreferenceTrainer do not support ZeRO-3 yet)"
                 )
         weight, bias = _full_tensor(weight), _full_tensor(bias)
     return weight, bias
