@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
-from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from apo_kernels.integrations.transformers import patch_model  # noqa: E402
+from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+from apo_kernels.integrations.transformers import patch_model
 
 
 def test_output_indexes_like_model_output():

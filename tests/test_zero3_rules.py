@@ -17,7 +17,7 @@ from apo_kernels.integrations.zero3 import full_shape, is_zero3_gathered, zero3_
 
 transformers = pytest.importorskip("transformers", reason="needs the trl extra: pip install 'apo-kernels[trl]'")
 
-from apo_kernels.integrations.transformers import output_head, patch_model  # noqa: E402
+from apo_kernels.integrations.transformers import output_head, patch_model
 
 
 def _mark_zero3(param: nn.Parameter, ds_id: int) -> None:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_zero3_param", "is_zero3_gathered", "full_shape", "zero3_head_owner"]
+__all__ = ["full_shape", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
 
 
 def is_zero3_param(t: object) -> bool:

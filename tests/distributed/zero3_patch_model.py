@@ -20,17 +20,17 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
 # Model classes first: deepspeed.zero.Init patches tensor constructors, which breaks importing
 # transformers' modelling code afterwards; importing deepspeed itself is harmless.
-from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from apo_kernels.integrations.transformers import output_head, patch_model  # noqa: E402
+from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+from apo_kernels.integrations.transformers import output_head, patch_model
 
 build_tiny_model(build_tiny_tokenizer(["warm"]), hidden_size=8, num_layers=1, num_heads=2)
 
-import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
 
 if os.environ.get("APO_ZERO3_SHM") != "1":
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (a C++ extension) when
@@ -48,7 +48,7 @@ LR = 0.5
 # size of its gradient, so a gradient that is 1e-10 on one side and -1e-10 on the other (reduction
 # order) would make weights differ by 2*lr and hide real errors behind noise. SGD keeps the
 # comparison linear in the gradients.
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; ranks differ only in reduction order
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32; ranks differ only in reduction order
 
 TEXT = ("the quick brown fox jumps over the lazy dog while seven odd wizards quietly judge "
         "boxing matches near a frozen lake under pale violet skies")
