@@ -16,8 +16,8 @@ Who the owner is depends on the wrapper; each wrapper is one *rule* in :data:`HE
 ``rule(model, head, weight) -> nn.Module | None``: the module to call, or None when the rule
 does not apply or the weight is usable as it is (already unsharded). A rule raises
 :class:`UnsupportedHeadLayout` for a layout it recognises but cannot make correct. Adding a
-wrapper (e.g. DeepSpeed ZeRO-3: "the weight has ``ds_id``: the owner is the head module") is
-one function appended to that list.
+wrapper is one function appended to that list (DeepSpeed ZeRO-3 is one: "the weight has
+``ds_id``: the owner is the head module", :mod:`.zero3`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
+
+from .zero3 import zero3_head_owner
 
 __all__ = [
     "HEAD_OWNER_RULES",
@@ -229,8 +231,13 @@ def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
     return None
 
 
+def _zero3_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
+    """DeepSpeed ZeRO-3: the head module itself (see :func:`.zero3.zero3_head_owner`)."""
+    return zero3_head_owner(head)
+
+
 # Tried in order; the first to return a module decides. Other wrappers append their rule.
-HEAD_OWNER_RULES: list[OwnerRule] = [fsdp2_owner, _fsdp1_rule]
+HEAD_OWNER_RULES: list[OwnerRule] = [fsdp2_owner, _fsdp1_rule, _zero3_rule]
 
 
 def head_owner(model: nn.Module, head: nn.Module, weight: Tensor | None = None) -> nn.Module | None:

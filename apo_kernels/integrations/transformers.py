@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..ops import LinearLogprobsOutput, linear_logprobs
 from ..ops.checks import check_options, check_real
 from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner
+from .zero3 import full_shape, is_zero3_gathered
 
 __all__ = [
     "STAT_OUTPUTS",
@@ -104,7 +105,7 @@ def head_transform(config: Any) -> HeadTransform:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers ``PreTrainedModel`` inside a PEFT / DDP / FSDP / compile wrapper.
+    """The transformers ``PreTrainedModel`` inside a PEFT / DDP / FSDP / DeepSpeed / compile wrapper.
 
     LoRA layers are injected in place, so the unwrapped model still runs the adapters.
     """
@@ -113,8 +114,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
-            model = model.module  # DDP / DataParallel
+        elif (isinstance(getattr(model, "module", None), nn.Module)
+              and not hasattr(getattr(model, "config", None), "model_type")):
+            # DDP / DataParallel / DeepSpeed's engine (whose `config` is its own JSON, not a
+            # transformers config); a transformers model with a submodule named `module` stays.
+            model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch.compile
         else:
@@ -152,13 +156,25 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     """
     head = _head_module(model)
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    # full_shape: a ZeRO-3 partitioned weight is 1-D with 0 elements outside its module's forward.
+    if not isinstance(weight, Tensor) or len(full_shape(weight)) != 2:
         raise ValueError(
             f"the output embedding of `model` ({type(head).__name__}) has no 2-D `weight` [V, D]"
         )
     bias = getattr(head, "bias", None)
     if not isinstance(bias, Tensor):
         bias = None
+    if gather:
+        for t in (weight, bias):
+            if t is not None and not is_zero3_gathered(t):
+                raise ValueError(
+                    f"the LM head's weight is partitioned by DeepSpeed ZeRO-3 (full shape "
+                    f"{list(full_shape(t))}, {t.numel()} elements on this rank) and this call reads "
+                    "it outside the head module's hooks: use `patch_model` (it calls the head "
+                    "through its module) or TRL with `apo_kernels.integrations.trl.enable()`, or "
+                    "gather it with `deepspeed.zero.GatheredParameters` for a forward without "
+                    "backward (compute_preference_loss / PreferenceTrainer do not support ZeRO-3 yet)"
+                )
     if gather and torch.is_grad_enabled() and weight.requires_grad:
         _refuse_fsdp_sharded(model, head, weight)
     if gather and not _tensor_parallel_head(model, weight):
@@ -180,7 +196,7 @@ def _refuse_fsdp_sharded(model: nn.Module, head: nn.Module, weight: Tensor) -> N
 
 
 def _head_module(model: nn.Module) -> nn.Module:
-    """The output embedding module (``get_output_embeddings()``), checked."""
+    """The output embedding module (``get_output_embeddings()``) of the model inside wrappers, checked."""
     inner = unwrap_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -257,11 +273,19 @@ class LogprobsCausalLMOutput:
     hidden_states: Any = None
     attentions: Any = None
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str | int | slice) -> Any:
+        # An int or slice indexes the fields that are set, in order, as transformers'
+        # ModelOutput does: HF's Trainer reads the loss of a non-dict output as `outputs[0]`.
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
         return getattr(self, key)
 
     def keys(self) -> list[str]:
         return [k for k in self.__dataclass_fields__ if getattr(self, k) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields that are set (not None), in declaration order (``loss`` first)."""
+        return tuple(getattr(self, k) for k in self.keys())
 
 
 @dataclass(frozen=True)
@@ -385,9 +409,10 @@ def _logprobs_forward(
 
     def head_op(_weight: Tensor, _bias: Tensor | None, hidden: Tensor, targets: Tensor) -> tuple:
         # Runs inside the forward of the module that manages the head weight when it is sharded
-        # (FSDP2 group of the head): `weight` is then the unsharded parameter, whose gradient
-        # FSDP's post-backward reduce-scatters. output_head re-reads it from the module and
-        # applies the gathering policy for other DTensor layouts.
+        # (the FSDP2 group of the head, the head itself under ZeRO-3): the weight is then whole,
+        # and that module's hooks route dW through FSDP's / DeepSpeed's reduce-scatter (and
+        # re-gather it before our backward). output_head re-reads it from the module and
+        # applies the gathering policy for other layouts.
         weight, bias = output_head(model)
         # A device_map can put the head on another device than the end of the backbone.
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
@@ -439,8 +464,8 @@ def verify_patch(model: nn.Module, *, seq_len: int = 8, atol: float | None = Non
     state: _PatchState | None = getattr(inner, _PATCH_ATTR, None)
     if state is None:
         raise ValueError("`model` is not patched: call patch_model(model) first")
-    weight, _ = output_head(inner)
-    vocab = weight.shape[0]
+    weight, _ = output_head(inner, gather=False)  # only its shape, dtype, device (ZeRO-3 safe)
+    vocab = full_shape(weight)[0]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(weight.device)
     was_training = inner.training

@@ -141,10 +141,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, filter_eps,
                    deterministic)
     ctx.with_entropy = with_entropy
+    ctx.param_shapes = (weight.shape, None if bias is None else bias.shape)
 
 
 def _backward(ctx, grad_logp, _grad_norm, grad_entropy, *_non_differentiable):
     hidden, weight, labels, bias, norm, entropy, tile_max = ctx.saved_tensors
+    shapes = (weight.shape, None if bias is None else bias.shape)
+    if shapes != ctx.param_shapes:
+        # A sharding wrapper (DeepSpeed ZeRO-3 re-partitions a parameter to 0 elements after its
+        # module's forward) swapped the saved weight's storage between forward and backward.
+        raise RuntimeError(
+            f"apo_kernels.linear_logprobs: `weight` was {list(ctx.param_shapes[0])} in the forward "
+            f"but is {list(weight.shape)} in the backward (bias {ctx.param_shapes[1]} -> "
+            f"{shapes[1]}): a sharding wrapper (e.g. DeepSpeed ZeRO-3) released the parameter "
+            "after the forward; call the op inside the owning module's forward so its hooks "
+            "gather it again for the backward (patch_model does this for the LM head)"
+        )
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
         return (None,) * 14

@@ -1,0 +1,75 @@
+"""DeepSpeed ZeRO-3: which module must call the LM head, and what a partitioned head looks like.
+
+Under ZeRO-3 every parameter is partitioned across the data-parallel ranks: outside its
+module's forward a parameter holds 0 elements (``param.ds_shape`` keeps the full shape) and
+DeepSpeed's module hooks gather it for the forward, release it after, gather it again when the
+gradient reaches the module's outputs, and reduce-scatter its gradient. Reading
+``lm_head.weight`` and handing it to our op outside those hooks gives a 0-element weight (or,
+within a forward, one that is released before the backward runs: the backward then sees 0
+elements). So the head is computed *through the head module*: its hooks gather the weight for
+our forward, re-gather it before our backward, and route dW through ZeRO-3's reduce-scatter.
+
+This module only recognises the layout (duck-typed on DeepSpeed's attributes: no import of
+``deepspeed``, which stays an optional extra, ``pip install 'apo-kernels[zero3]'``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["full_shape", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
+
+
+def is_zero3_param(t: object) -> bool:
+    """Whether ``t`` is a parameter that DeepSpeed ZeRO-3 partitions (it carries ``ds_id``)."""
+    return isinstance(t, Tensor) and hasattr(t, "ds_id")
+
+
+def full_shape(t: Tensor) -> torch.Size:
+    """The unpartitioned shape: ``ds_shape`` for a ZeRO-3 parameter, else ``t.shape``."""
+    return t.ds_shape if is_zero3_param(t) else t.shape
+
+
+def is_zero3_gathered(t: Tensor) -> bool:
+    """Whether a ZeRO-3 parameter currently holds all its elements (inside its module's
+    forward, or inside ``deepspeed.zero.GatheredParameters``). True for any other tensor."""
+    return not is_zero3_param(t) or t.numel() == math.prod(t.ds_shape)
+
+
+def zero3_head_owner(head: nn.Module) -> nn.Module | None:
+    """The module whose call gathers the LM head's ZeRO-3 parameters, or None (not ZeRO-3).
+
+    The owner is the head itself: ``deepspeed.initialize`` installs its gather / release /
+    pre-backward / post-backward hooks on every submodule, the head included (its tied weight
+    too: a tied ``lm_head.weight`` is one of the head's own parameters).
+
+    Args:
+        head: the output embedding (``model.get_output_embeddings()``).
+
+    Returns:
+        ``head`` when its weight or bias is a ZeRO-3 parameter, None otherwise (ZeRO-1/2, DDP,
+        one process: the parameters are whole and the op can use them directly).
+
+    Raises:
+        ValueError: the head's parameters are ZeRO-3 partitioned but the head carries no
+            DeepSpeed hooks (built under ``deepspeed.zero.Init`` or loaded with
+            ``HfDeepSpeedConfig`` but never passed to ``deepspeed.initialize``, or inside a
+            module declared a ZeRO-3 leaf with ``set_z3_leaf_modules``): nothing would gather
+            the weight for the backward.
+    """
+    params = [p for p in (getattr(head, "weight", None), getattr(head, "bias", None))
+              if is_zero3_param(p)]
+    if not params:
+        return None
+    if "ds_id" not in vars(head):  # DeepSpeed's hook registration sets module.ds_id
+        raise ValueError(
+            f"the LM head ({type(head).__name__}) has DeepSpeed ZeRO-3 partitioned parameters but "
+            "no DeepSpeed module hooks, so nothing gathers its weight for the forward and backward: "
+            "call the model through `deepspeed.initialize(model=...)` (the HF Trainer / Accelerate "
+            "DeepSpeed plugin do this), and do not declare the head or its parents ZeRO-3 leaf "
+            "modules (`set_z3_leaf_modules`)"
+        )
+    return head

@@ -1,0 +1,273 @@
+"""Worker: DeepSpeed ZeRO-3 (CPU accelerator, gloo) + ``patch_model`` against one process.
+
+Run by ``tests/test_distributed_zero3.py`` under ``torchrun --nproc_per_node=2``. For a tiny
+Llama, untied and tied, every rank builds the same model from a fixed seed; the one-process
+ground truth (the same patched model, no DeepSpeed) sees every rank's micro-batch and averages
+the per-rank losses, as ZeRO's data-parallel gradient averaging does. Then ZeRO-3 trains two
+steps (different data each step) and each step compares log-probs, entropy and loss (this
+rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
+full weight. Exits non-zero (AssertionError) on any mismatch.
+
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer|dpo ...]
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+
+# Model classes first: deepspeed.zero.Init patches tensor constructors, which breaks importing
+# transformers' modelling code afterwards; importing deepspeed itself is harmless.
+from apo_kernels.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+from apo_kernels.integrations.transformers import output_head, patch_model
+
+build_tiny_model(build_tiny_tokenizer(["warm"]), hidden_size=8, num_layers=1, num_heads=2)
+
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
+
+if os.environ.get("APO_ZERO3_SHM") != "1":
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (a C++ extension) when
+    # its communicator starts: 30-80 s on a fresh 2-core machine, cached afterwards in
+    # ~/.cache/torch_extensions. It is a CPU speed-up only (GPUs use NCCL) and the plain gloo
+    # collectives it replaces give the same sums, so the test skips the build; APO_ZERO3_SHM=1
+    # runs with it (the same checks pass).
+    # (sys.modules: the attribute `deepspeed.comm.torch` is the torch package itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+MICRO = 2       # sequences per rank per step
+SEQ = 9
+LR = 0.5
+# SGD with momentum, not Adam: Adam's first step moves every weight by about +-lr whatever the
+# size of its gradient, so a gradient that is 1e-10 on one side and -1e-10 on the other (reduction
+# order) would make weights differ by 2*lr and hide real errors behind noise. SGD keeps the
+# comparison linear in the gradients.
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32; ranks differ only in reduction order
+
+TEXT = ("the quick brown fox jumps over the lazy dog while seven odd wizards quietly judge "
+        "boxing matches near a frozen lake under pale violet skies")
+
+
+def ds_config() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        # persistence 0: even these tiny parameters are partitioned (the default keeps
+        # parameters below 1e5 elements whole, which would hide the bug under test).
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at norm 1.0 unless told otherwise
+        "zero_allow_untested_optimizer": True,  # torch SGD: ZeRO-3 steps it on fp32 partitions
+    }
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+
+
+def make_batch(vocab: int, world: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[world * MICRO, SEQ] ids and labels: a prompt of 2-4 tokens and a few random positions
+    ignored, so ranks hold different numbers of labelled tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (world * MICRO, SEQ), generator=gen)
+    labels = ids.clone()
+    for row in range(labels.shape[0]):
+        labels[row, : 2 + row % 3] = -100
+    labels[torch.rand(labels.shape, generator=gen) < 0.15] = -100
+    return ids, labels
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if not torch.allclose(got, want, **TOL):
+        diff = (got - want).abs().max().item()
+        raise AssertionError(f"{name}: max |ZeRO-3 - one process| = {diff:.3g} (scale {want.abs().max().item():.3g})")
+
+
+def run(tied: bool, rank: int, world: int) -> None:
+    tag = "tied" if tied else "untied"
+    tok = build_tiny_tokenizer([TEXT])
+    ref = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4,
+                           tie_word_embeddings=tied, seed=11)
+    model = copy.deepcopy(ref)
+    vocab = len(tok)
+    patch_model(ref, backend="torch", outputs=("entropy",))
+    ref_opt = optimizer(ref)
+    # Both orders work: untied patches the model before deepspeed.initialize, tied the engine after.
+    if not tied:
+        patch_model(model, backend="torch", outputs=("entropy",))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model),
+                                      config=ds_config())
+    if tied:
+        assert patch_model(engine, backend="torch", outputs=("entropy",)) is engine
+        assert "forward" not in vars(engine) and "forward" in vars(engine.module), "patched the engine itself"
+    head = engine.module.get_output_embeddings()
+    assert (head.weight is engine.module.get_input_embeddings().weight) == tied, f"{tag}: tying lost"
+    # The layout under test: the head weight is partitioned to nothing outside its forward.
+    assert head.weight.numel() == 0 and tuple(head.weight.ds_shape) == (vocab, 32), \
+        f"{tag}: head not ZeRO-3 partitioned ({tuple(head.weight.shape)})"
+    # Reading the partitioned head outside its module's hooks is refused clearly.
+    try:
+        output_head(engine.module)
+    except ValueError as exc:
+        assert "ZeRO-3" in str(exc), exc
+    else:
+        raise AssertionError(f"{tag}: output_head read a partitioned ZeRO-3 head without error")
+
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    names = [n for n, _ in engine.module.named_parameters()]
+    ref_params = dict(ref.named_parameters())
+    assert sorted(names) == sorted(ref_params), f"{tag}: parameter names differ"
+    for step in range(2):
+        ids, labels = make_batch(vocab, world, seed=100 * step + 7)
+        # One process: every rank's micro-batch, losses averaged over ranks (ZeRO's gradient
+        # averaging), then the ordinary torch optimizer step.
+        ref_opt.zero_grad(set_to_none=True)
+        ref_out = [ref(input_ids=ids[r * MICRO:(r + 1) * MICRO], labels=labels[r * MICRO:(r + 1) * MICRO])
+                   for r in range(world)]
+        (sum(o.loss for o in ref_out) / world).backward()
+        if step == 0:  # the ground truth itself matches the unpatched model's logits
+            with torch.no_grad():
+                logits = ref(input_ids=ids[rows], fused_logprobs=False, labels=labels[rows]).logits
+            lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[rows, 1:, None])[..., 0]
+            lp = torch.where(labels[rows, 1:] != -100, lp, torch.zeros_like(lp))
+            check(f"{tag} step {step} one-process logprobs vs logits", ref_out[rank].logprobs, lp)
+
+        out = engine(input_ids=ids[rows], labels=labels[rows])
+        check(f"{tag} step {step} logprobs", out.logprobs, ref_out[rank].logprobs)
+        check(f"{tag} step {step} entropy", out.entropy, ref_out[rank].entropy)
+        check(f"{tag} step {step} loss", out.loss, ref_out[rank].loss)
+        engine.backward(out.loss)
+        for name, param in engine.module.named_parameters():  # collective: same order on all ranks
+            grad = safe_get_full_grad(param)
+            want = ref_params[name].grad
+            assert grad is not None and want is not None, f"{tag} step {step} {name}: no gradient"
+            check(f"{tag} step {step} grad {name}", grad.view(want.shape), want)
+        engine.step()
+        ref_opt.step()
+
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            check(f"{tag} weight {name} after 2 steps", param.data.clone(), ref_params[name].data)
+    head_grad_seen = ref.get_output_embeddings().weight.grad.abs().sum().item()
+    assert head_grad_seen > 0, f"{tag}: the head got no gradient (the test would prove nothing)"
+    engine.destroy()
+    if rank == 0:
+        print(f"zero3 {tag}: logprobs, entropy, loss, {len(names)} gradients x2 steps, weights OK",
+              flush=True)
+
+
+def run_hf_trainer(rank: int, world: int) -> None:
+    """The HF Trainer recipe: ``TrainingArguments(deepspeed=...)`` before ``from_pretrained``
+    (so the model is partitioned while it loads, before ``patch_model`` sees it), a tied head,
+    AdamW. Every example is the same sequence, so the first logged loss must equal the one-process
+    loss of that sequence whatever the sampler does; then the loss drops and the head moves."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    tok = build_tiny_tokenizer([TEXT])
+    ref = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=5)
+    # Rank 0 saves (transformers writes the config only on the main process), the others wait.
+    folder = [tempfile.mkdtemp(prefix="zero3-trainer-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(folder, src=0)
+    folder = folder[0]
+    if rank == 0:
+        ref.save_pretrained(folder)
+    torch.distributed.barrier()
+    ids, labels = make_batch(len(tok), 1, seed=3)
+    ids, labels = ids[:1], labels[:1]
+    patch_model(ref, backend="torch")
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=labels).loss.item()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    args = TrainingArguments(output_dir=os.path.join(folder, f"out{rank}"), per_device_train_batch_size=MICRO, max_steps=3,
+                             learning_rate=1e-2, deepspeed=ds, use_cpu=True, report_to=[],
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    weight = model.get_output_embeddings().weight
+    assert weight.numel() == 0 and tuple(weight.ds_shape) == (len(tok), 32), "trainer: not partitioned at load"
+    patch_model(model, backend="torch")
+    data = [{"input_ids": ids[0], "labels": labels[0]} for _ in range(4 * world * MICRO)]
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3, losses
+    check("trainer first loss", torch.tensor(losses[0]), torch.tensor(want))
+    assert losses[2] < losses[0] - 1e-3, f"trainer: loss did not drop {losses}"
+    with deepspeed.zero.GatheredParameters([weight]):
+        moved = (weight.data - ref.get_output_embeddings().weight.data).abs().max().item()
+    assert moved > 1e-3, "trainer: the head did not train"
+    if rank == 0:
+        print(f"zero3 trainer: from_pretrained under ZeRO-3, tied, losses {[round(x, 4) for x in losses]} OK",
+              flush=True)
+
+
+def run_dpo(rank: int, world: int) -> None:
+    """TRL's DPOTrainer under ZeRO-3 with ``apo_kernels.integrations.trl.enable()``: TRL's own
+    fused head gathers the partitioned head itself; our op must give the same losses as TRL's
+    own head for two steps (the second loss depends on the first step's gradients)."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from apo_kernels.integrations import trl as apo_trl
+    from apo_kernels.integrations.data import load_preference_dataset, tiny_dataset_path
+
+    records = [r for r in load_preference_dataset(tiny_dataset_path()) if isinstance(r["prompt"], str)][:8]
+    data = datasets.Dataset.from_list(records)
+    tok = build_tiny_tokenizer(records)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    losses = {}
+    for ours in (False, True):
+        args = DPOConfig(output_dir=f"/tmp/zero3-dpo-{rank}-{ours}", max_steps=2, per_device_train_batch_size=2,
+                         learning_rate=5e-3, beta=0.5, logging_steps=1, report_to="none", use_cpu=True,
+                         save_strategy="no", max_length=64, disable_tqdm=True, bf16=False, deepspeed=ds,
+                         seed=0, data_seed=0)
+        model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=1)
+        if ours:
+            apo_trl.enable(backend="torch")
+        try:
+            trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                                 processing_class=tok)
+            trainer.train()
+        finally:
+            apo_trl.disable()
+        losses[ours] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 2, losses
+    check("dpo losses (enable() vs TRL's head)", torch.tensor(losses[True]), torch.tensor(losses[False]))
+    assert losses[True][1] != losses[True][0], f"dpo: the second step did not change the loss {losses}"
+    if rank == 0:
+        print(f"zero3 dpo: TRL DPOTrainer with enable() matches TRL's head {[round(x, 5) for x in losses[True]]} OK",
+              flush=True)
+
+
+def main() -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo"]
+    for layout in layouts:
+        if layout == "trainer":
+            run_hf_trainer(rank, world)
+        elif layout == "dpo":
+            run_dpo(rank, world)
+        elif layout in ("untied", "tied"):
+            run(layout == "tied", rank, world)
+        else:
+            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer' or 'dpo'")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
