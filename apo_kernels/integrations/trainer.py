@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from ..preference import (
 from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
 from .collator import PreferenceCollator
 from .head_call import call_head, call_through, fsdp_root
+from .zero3 import gathered_for_forward, zero3_head_owner
 from .transformers import (
     _head_module,
     backbone,
@@ -80,8 +82,15 @@ def _in_root(model: nn.Module, fn: Any) -> tuple:
 
 def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dict[str, Tensor]
                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The reference's last hidden states and head ``(weight, bias)``, detached; the head is
+    ``(None, None)`` for a PEFT policy (the policy's own head, adapters off) and for a ZeRO-3
+    reference (read later, while the op runs, inside :func:`_reference_head`)."""
     with torch.no_grad():
         if ref_model is not None:
+            if zero3_head_owner(_head_module(ref_model)) is not None:
+                # ZeRO-3 partitions the head again after this returns: gather it where it is used.
+                return _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0], None, None
+
             def ref_forward() -> tuple:
                 ref_weight, ref_bias = output_head(ref_model)  # no gradient: gathering is exact
                 return (hidden_states(ref_model, **inputs), ref_weight.detach(),
@@ -96,6 +105,27 @@ def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dic
         "no reference: pass `ref_model`, precomputed `ref_chosen_logps`/`ref_rejected_logps` in the "
         "batch (see precompute_ref_logps), or train a PEFT model (its base is the reference)"
     )
+
+
+@contextlib.contextmanager
+def _reference_head(ref_model: nn.Module | None) -> Iterator[tuple[Tensor, Tensor | None] | None]:
+    """A ZeRO-3 reference model's head ``(weight, bias)``, detached and whole while the context
+    lasts (forward only: see :func:`~.zero3.gathered_for_forward`); None for any other
+    reference (its head was read with its hidden states)."""
+    head = None if ref_model is None else _head_module(ref_model)
+    if head is None or zero3_head_owner(head) is None:
+        yield None
+        return
+    # Not under no_grad here: the caller's policy op runs inside this context.
+    with gathered_for_forward(head.weight, _head_bias(head)):
+        with torch.no_grad():
+            weight, bias = output_head(ref_model)
+        yield weight.detach(), None if bias is None else bias.detach()
+
+
+def _head_bias(head: nn.Module) -> Tensor | None:
+    bias = getattr(head, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
 
 
 _OUTPUT_TENSORS = ("loss", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
@@ -151,16 +181,19 @@ def compute_preference_loss(
         # Inside the forward of the group that shards the head, if any: output_head then reads
         # the unsharded parameters (see head_call.call_head).
         weight, bias = output_head(model)
-        kw = dict(ref)
-        if "ref_hidden" in kw and kw["ref_weight"] is None:  # PEFT: the policy's own head
-            kw["ref_bias"] = None if bias is None else bias.detach()
         if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
             hidden = hidden.to(weight.dtype)
-        if "ref_hidden" in kw:
-            rw = kw["ref_weight"] if kw["ref_weight"] is not None else weight
-            if kw["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
-                kw["ref_hidden"] = kw["ref_hidden"].to(rw.dtype)
-        out = fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **kw, **config)
+        kw = dict(ref)
+        with _reference_head(ref_model if "ref_hidden" in kw else None) as zero3_ref:
+            if zero3_ref is not None:  # a ZeRO-3 reference's head: whole only inside this context
+                kw["ref_weight"], kw["ref_bias"] = zero3_ref
+            elif "ref_hidden" in kw and kw["ref_weight"] is None:  # PEFT: the policy's own head
+                kw["ref_bias"] = None if bias is None else bias.detach()
+            if "ref_hidden" in kw:
+                rw = kw["ref_weight"] if kw["ref_weight"] is not None else weight
+                if kw["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
+                    kw["ref_hidden"] = kw["ref_hidden"].to(rw.dtype)
+            out = fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **kw, **config)
         metric_keys[:] = list(out.metrics)
         return (*(getattr(out, k) for k in _OUTPUT_TENSORS), *out.metrics.values())
 
@@ -211,7 +244,9 @@ def precompute_ref_logps(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty: nothing to score")
-    weight, bias = output_head(ref_model)
+    # A ZeRO-3 head is partitioned between batches: only its dtype and device are read here, and
+    # it is gathered for each batch's op (_reference_head).
+    weight, bias = output_head(ref_model, gather=zero3_head_owner(_head_module(ref_model)) is None)
     transform = head_transform(unwrap_model(ref_model).config)
     device = weight.device
     was_training = ref_model.training
@@ -226,8 +261,10 @@ def precompute_ref_logps(
                 inputs = model_inputs(batch, device)
                 hidden = _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0]  # noqa: B023
                 hidden, labels, seq_ids = _shifted(batch, hidden, device)
-                tok = linear_logprobs(hidden.to(weight.dtype), weight, labels, bias, temperature=temperature,
-                                      logit_scale=transform.logit_scale, softcap=transform.softcap)
+                with _reference_head(ref_model) as zero3_head:
+                    w, b = zero3_head if zero3_head is not None else (weight, bias)
+                    tok = linear_logprobs(hidden.to(w.dtype), w, labels, b, temperature=temperature,
+                                          logit_scale=transform.logit_scale, softcap=transform.softcap)
                 mask = labels != -100
                 if seq_ids is None:
                     seq = padded_sequence_logps(tok, mask, reduction=reduction, ld_alpha=ld_alpha).logps

@@ -15,12 +15,14 @@ This module only recognises the layout (duck-typed on DeepSpeed's attributes: no
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["full_shape", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
+__all__ = ["full_shape", "gathered_for_forward", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
 
 
 def is_zero3_param(t: object) -> bool:
@@ -73,3 +75,27 @@ def zero3_head_owner(head: nn.Module) -> nn.Module | None:
             "modules (`set_z3_leaf_modules`)"
         )
     return head
+
+
+@contextlib.contextmanager
+def gathered_for_forward(*tensors: Tensor | None) -> Iterator[None]:
+    """Hold the ZeRO-3 parameters among ``tensors`` whole for a computation without backward.
+
+    For a frozen reference model's head, which our op reads under ``no_grad`` while the
+    *policy's* head module is running (so the reference head's own hooks cannot be used:
+    calling it would register its backward hooks on the policy's differentiable outputs).
+    ``deepspeed.zero.GatheredParameters`` gathers them on entry and partitions them again on
+    exit (no rank modifies them). Nothing computed inside may keep them for a backward: once
+    partitioned again they hold 0 elements.
+
+    Other tensors (not ZeRO-3, or already whole) are left alone, and without any ZeRO-3
+    parameter DeepSpeed is not imported.
+    """
+    params = [t for t in tensors if t is not None and not is_zero3_gathered(t)]
+    if not params:
+        yield
+        return
+    import deepspeed  # present: only DeepSpeed puts `ds_id` on a parameter
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

@@ -253,6 +253,140 @@ def run_dpo(rank: int, world: int) -> None:
               flush=True)
 
 
+PAIRS = 2  # preference pairs per rank per step
+
+
+def pref_batch(vocab: int, world: int, seed: int, ref_logps: bool) -> dict:
+    """A global preference batch of ``world * PAIRS`` pairs in the collator's layout (rows
+    ``[chosen..., rejected...]``, unshifted labels, right padding with an attention mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * world * PAIRS
+    ids = torch.randint(0, vocab, (n, SEQ), generator=gen)
+    labels = ids.clone()
+    attention = torch.ones_like(ids)
+    for row in range(n):
+        labels[row, : 2 + row % 3] = -100          # the prompt
+        pad = row % 2                               # some rows padded at the end
+        if pad:
+            labels[row, -pad:] = -100
+            attention[row, -pad:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    if ref_logps:
+        batch["ref_chosen_logps"] = -20 * torch.rand(world * PAIRS, generator=gen)
+        batch["ref_rejected_logps"] = -20 * torch.rand(world * PAIRS, generator=gen)
+    return batch
+
+
+def rank_pairs(batch: dict, rank: int, world: int) -> dict:
+    """This rank's pairs, in the same ``[chosen..., rejected...]`` layout."""
+    total = world * PAIRS
+    sel = torch.arange(rank * PAIRS, (rank + 1) * PAIRS)
+    rows = torch.cat([sel, sel + total])
+    return {k: v[sel] if k.startswith("ref_") else v[rows] for k, v in batch.items()}
+
+
+def zero3_reference(model: torch.nn.Module) -> "deepspeed.DeepSpeedEngine":
+    """A frozen reference under ZeRO-3 as TRL prepares one: ``deepspeed.initialize`` without an
+    optimizer (its parameters are partitioned, its hooks gather them), eval mode."""
+    model.requires_grad_(False)
+    config = {k: v for k, v in ds_config().items() if k != "zero_allow_untested_optimizer"}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def run_pref(tied: bool, rank: int, world: int) -> None:
+    """compute_preference_loss and precompute_ref_logps under ZeRO-3 against one process:
+    the reference as a ZeRO-3 model, then as log-probs that precompute_ref_logps computed with
+    that ZeRO-3 reference. Per rank: chosen/rejected/reference log-probs, loss and every metric
+    (against one process on this rank's pairs); every full gradient (against one process on all
+    pairs: ZeRO averages the ranks' gradients, the loss is a mean over pairs); weights after two
+    steps."""
+    from apo_kernels import FusedLinearPreferenceLoss
+    from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
+
+    tag = "pref " + ("tied" if tied else "untied")
+    tok = build_tiny_tokenizer([TEXT])
+    vocab = len(tok)
+    base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=tied, seed=21)
+    ref_base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=tied, seed=22)
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+
+    ref_engine = zero3_reference(copy.deepcopy(ref_base))
+    assert ref_engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: reference not partitioned"
+
+    # precompute_ref_logps with the ZeRO-3 reference (every rank scores the same records: its
+    # gathers are collectives) against the same reference in one process.
+    records = [{"pair": i} for i in range(world * PAIRS)]
+    batches = {step: pref_batch(vocab, world, 300 + step, ref_logps=False) for step in range(2)}
+
+    def collate(step: int):
+        def fn(examples: list[dict]) -> dict:
+            sel = torch.tensor([e["pair"] for e in examples])
+            rows = torch.cat([sel, sel + world * PAIRS])
+            return {k: v[rows] for k, v in batches[step].items()}
+        return fn
+
+    precomputed = {}
+    for step in range(2):
+        want = precompute_ref_logps(copy.deepcopy(ref_base), records, collate(step), batch_size=3, progress=False)
+        got = precompute_ref_logps(ref_engine, records, collate(step), batch_size=3, progress=False)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            check(f"{tag} step {step} precompute_ref_logps {key}", torch.tensor([g[key] for g in got]),
+                  torch.tensor([w[key] for w in want]))
+        precomputed[step] = {"ref_chosen_logps": torch.tensor([g["ref_chosen_logps"] for g in got]),
+                             "ref_rejected_logps": torch.tensor([g["ref_rejected_logps"] for g in got])}
+
+    for mode in ("ref_model", "precomputed"):
+        def batch_for(step: int) -> dict:
+            batch = dict(batches[step])
+            if mode == "precomputed":
+                batch.update(precomputed[step])
+            return batch
+
+        single = copy.deepcopy(base)
+        single_ref = copy.deepcopy(ref_base).requires_grad_(False) if mode == "ref_model" else None
+        opt = optimizer(single)
+        model = copy.deepcopy(base)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=ds_config())
+        assert engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: policy not partitioned"
+        ref_arg = ref_engine if mode == "ref_model" else None
+        params = dict(single.named_parameters())
+        for step in range(2):
+            full = batch_for(step)
+            mine = rank_pairs(full, rank, world)
+            with torch.no_grad():  # one process on this rank's pairs: values and metrics
+                want = compute_preference_loss(single, mine, loss_fn, ref_model=single_ref)
+            opt.zero_grad(set_to_none=True)
+            compute_preference_loss(single, full, loss_fn, ref_model=single_ref).loss.backward()
+
+            out = compute_preference_loss(engine, mine, loss_fn, ref_model=ref_arg)
+            name = f"{tag} {mode} step {step}"
+            for key in ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+                check(f"{name} {key}", getattr(out, key), getattr(want, key))
+            assert sorted(out.metrics) == sorted(want.metrics), f"{name}: metric names differ"
+            for key, value in want.metrics.items():
+                check(f"{name} metric {key}", out.metrics[key], value)
+            engine.backward(out.loss)
+            for pname, param in engine.module.named_parameters():  # collective: same order everywhere
+                grad = safe_get_full_grad(param)
+                ref_grad = params[pname].grad
+                assert grad is not None and ref_grad is not None, f"{name} {pname}: no gradient"
+                check(f"{name} grad {pname}", grad.view(ref_grad.shape), ref_grad)
+            engine.step()
+            opt.step()
+        for pname, param in engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                check(f"{tag} {mode} weight {pname} after 2 steps", param.data.clone(), params[pname].data)
+        head_grad = single.get_output_embeddings().weight.grad.abs().sum().item()
+        assert head_grad > 0, f"{tag} {mode}: the head got no gradient (the test would prove nothing)"
+        engine.destroy()
+    ref_engine.destroy()
+    if rank == 0:
+        print(f"zero3 {tag}: precompute_ref_logps, compute_preference_loss (ZeRO-3 reference model, "
+              "precomputed) loss, log-probs, metrics, gradients x2 steps, weights OK", flush=True)
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -264,6 +398,8 @@ def main() -> None:
             run_dpo(rank, world)
         elif layout in ("untied", "tied"):
             run(layout == "tied", rank, world)
+        elif layout in ("pref-untied", "pref-tied"):
+            run_pref(layout == "pref-tied", rank, world)
         else:
             raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer' or 'dpo'")
     torch.distributed.destroy_process_group()
