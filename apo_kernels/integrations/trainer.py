@@ -32,7 +32,7 @@ from ..preference import (
 from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
 from .collator import PreferenceCollator
 from .head_call import call_head, call_through, fsdp_root
-from .zero3 import gathered_for_forward, zero3_head_owner
+from .zero3 import gathered_for_forward, initialize_reference, is_deepspeed_engine, zero3_head_owner
 from .transformers import (
     _head_module,
     backbone,
@@ -300,7 +300,9 @@ class PreferenceTrainer(_trainer_base()):
         args: ``TrainingArguments``; ``remove_unused_columns`` is forced off (the collator needs
             the raw ``prompt``/``chosen``/``rejected`` fields).
         ref_model: the frozen reference; not needed when the dataset carries
-            ``ref_chosen_logps``/``ref_rejected_logps`` or the policy is a PEFT model.
+            ``ref_chosen_logps``/``ref_rejected_logps`` or the policy is a PEFT model. Under
+            DeepSpeed ZeRO-3 it is partitioned like the policy (``deepspeed.initialize`` without
+            an optimizer, see :func:`~.zero3.initialize_reference`) unless it is an engine already.
         loss_fn: the loss (default ``FusedLinearPreferenceLoss("apo_zero", beta=0.1)``).
         data_collator: default ``PreferenceCollator(processing_class)``.
         other arguments: as for ``transformers.Trainer`` (``train_dataset``, ``eval_dataset``,
@@ -321,12 +323,22 @@ class PreferenceTrainer(_trainer_base()):
         super().__init__(model=model, args=args, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
         self.loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
-        self.ref_model = ref_model
         if ref_model is not None:
             ref_model.requires_grad_(False)
+            if self._zero3_config() is not None and not is_deepspeed_engine(ref_model):
+                # Partitioned like the policy, its hooks gathering each layer (as TRL does).
+                ref_model = initialize_reference(ref_model, self._zero3_config())
+            else:
+                ref_model.to(self.args.device)
             ref_model.eval()
-            ref_model.to(self.args.device)
+        self.ref_model = ref_model
         self._pref_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _zero3_config(self) -> dict[str, Any] | None:
+        """The run's DeepSpeed config when it is ZeRO stage 3, else None."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        config = getattr(plugin, "deepspeed_config", None) or {}
+        return config if config.get("zero_optimization", {}).get("stage") == 3 else None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -16,13 +16,15 @@ This module only recognises the layout (duck-typed on DeepSpeed's attributes: no
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["full_shape", "gathered_for_forward", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
+__all__ = ["full_shape", "gathered_for_forward", "initialize_reference", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
 
 
 def is_zero3_param(t: object) -> bool:
@@ -99,3 +101,47 @@ def gathered_for_forward(*tensors: Tensor | None) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def initialize_reference(model: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
+    """A frozen reference model for a ZeRO-3 run: ``deepspeed.initialize`` without an optimizer.
+
+    Its parameters are partitioned across the ranks like the policy's (a model that
+    ``from_pretrained`` already partitioned while loading gets the hooks it lacks), and its
+    module hooks gather each layer for the forward. Not for ZeRO-1/2 (the model is whole there:
+    keep it as it is). Every rank must then run the reference on the same number of batches:
+    its gathers are collectives.
+
+    Args:
+        model: the reference causal LM (fp32 or half; DeepSpeed casts it as ``ds_config`` says).
+        ds_config: the training run's DeepSpeed config (the HF Trainer's, with its ``"auto"``
+            values filled from the training arguments). Its optimizer and scheduler are dropped,
+            and so is any value still ``"auto"`` (those are filled from the optimizer or the
+            model at training start: DeepSpeed's defaults stand in).
+
+    Returns:
+        the DeepSpeed engine wrapping ``model``, in eval mode, parameters frozen.
+    """
+    import deepspeed  # the zero3 extra: pip install 'apo-kernels[zero3]'
+
+    def without_auto(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_auto(v) for k, v in value.items() if v != "auto"}
+        return value
+
+    config = without_auto({k: v for k, v in copy.deepcopy(ds_config).items()
+                           if k not in ("optimizer", "scheduler")})
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ValueError(f"initialize_reference is for ZeRO stage 3; `ds_config` has stage {stage!r}")
+    if "train_batch_size" not in config and "train_micro_batch_size_per_gpu" not in config:
+        config["train_micro_batch_size_per_gpu"] = 1  # required by DeepSpeed, unused by a forward
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def is_deepspeed_engine(model: object) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (duck-typed: no import of DeepSpeed)."""
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)

@@ -387,6 +387,73 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
               "precomputed) loss, log-probs, metrics, gradients x2 steps, weights OK", flush=True)
 
 
+def run_pref_trainer(rank: int, world: int) -> None:
+    """PreferenceTrainer under ZeRO-3 (the HF Trainer recipe: ``TrainingArguments(deepspeed=...)``
+    first, so policy and reference are partitioned while ``from_pretrained`` loads them; tied
+    heads; the trainer gives the reference DeepSpeed hooks). Every record is the same pair, so
+    each logged step must equal one process on one batch whatever the sampler does: the loss and
+    every metric of both steps (plain SGD at a constant rate: the second step checks the
+    first step's update)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from apo_kernels import FusedLinearPreferenceLoss
+    from apo_kernels.integrations.collator import PreferenceCollator
+    from apo_kernels.integrations.trainer import PreferenceTrainer, compute_preference_loss
+
+    tok = build_tiny_tokenizer([TEXT])
+    record = {"prompt": "the quick brown", "chosen": "fox jumps over the lazy dog",
+              "rejected": "dog while seven odd wizards"}
+    policy = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=31)
+    reference = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=32)
+    folder = [tempfile.mkdtemp(prefix="zero3-pref-trainer-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(folder, src=0)
+    folder = folder[0]
+    if rank == 0:
+        policy.save_pretrained(os.path.join(folder, "policy"))
+        reference.save_pretrained(os.path.join(folder, "ref"))
+    torch.distributed.barrier()
+
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+    lr = 0.5
+    batch = PreferenceCollator(tok)([record] * MICRO)
+    want = []
+    opt = torch.optim.SGD(policy.parameters(), lr=lr)
+    for _ in range(2):
+        out = compute_preference_loss(policy, batch, loss_fn, ref_model=reference)
+        want.append({"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert abs(want[1]["loss"] - want[0]["loss"]) > 1e-3, f"pref trainer: the step changed nothing {want}"
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    args = TrainingArguments(output_dir=os.path.join(folder, f"out{rank}"), per_device_train_batch_size=MICRO,
+                             max_steps=2, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=0.0, deepspeed=ds, use_cpu=True, report_to=[], logging_steps=1,
+                             save_strategy="no", disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"))
+    ref_model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "ref"))
+    for m in (model, ref_model):
+        assert m.get_output_embeddings().weight.numel() == 0, "pref trainer: not partitioned at load"
+    trainer = PreferenceTrainer(model, args, ref_model=ref_model, loss_fn=loss_fn, processing_class=tok,
+                                train_dataset=[record] * (4 * world * MICRO))
+    assert "DeepSpeedEngine" in type(trainer.ref_model).__name__, "pref trainer: reference not initialised"
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2, logs
+    for step, (got, exp) in enumerate(zip(logs, want)):
+        for key, value in exp.items():
+            assert key in got, f"pref trainer step {step}: {key} not logged ({sorted(got)})"
+            check(f"pref trainer step {step} {key}", torch.tensor(got[key]), torch.tensor(value))
+    if rank == 0:
+        print(f"zero3 pref trainer: PreferenceTrainer, ZeRO-3 policy and reference, loss and "
+              f"{len(want[0]) - 1} metrics x2 steps OK", flush=True)
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -398,6 +465,8 @@ def main() -> None:
             run_dpo(rank, world)
         elif layout in ("untied", "tied"):
             run(layout == "tied", rank, world)
+        elif layout == "pref-trainer":
+            run_pref_trainer(rank, world)
         elif layout in ("pref-untied", "pref-tied"):
             run_pref(layout == "pref-tied", rank, world)
         else:
