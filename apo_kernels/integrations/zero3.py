@@ -73,7 +73,9 @@ def zero3_head_owner(head: nn.Module) -> nn.Module | None:
             f"the LM head ({type(head).__name__}) has DeepSpeed ZeRO-3 partitioned parameters but "
             "no DeepSpeed module hooks, so nothing gathers its weight for the forward and backward: "
             "call the model through `deepspeed.initialize(model=...)` (the HF Trainer / Accelerate "
-            "DeepSpeed plugin do this), and do not declare the head or its parents ZeRO-3 leaf "
+            "DeepSpeed plugin do this; for a frozen reference model: "
+            "`apo_kernels.integrations.zero3.initialize_reference(model, ds_config)`, which "
+            "PreferenceTrainer calls), and do not declare the head or its parents ZeRO-3 leaf "
             "modules (`set_z3_leaf_modules`)"
         )
     return head

@@ -6,9 +6,13 @@ ground truth (the same patched model, no DeepSpeed) sees every rank's micro-batc
 the per-rank losses, as ZeRO's data-parallel gradient averaging does. Then ZeRO-3 trains two
 steps (different data each step) and each step compares log-probs, entropy and loss (this
 rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
-full weight. Exits non-zero (AssertionError) on any mismatch.
+full weight. ``pref-untied`` / ``pref-tied`` do the same for the preference-loss paths
+(``precompute_ref_logps`` and ``compute_preference_loss`` with a ZeRO-3 reference model or with
+precomputed reference log-probs), ``pref-trainer`` runs ``PreferenceTrainer``, ``trainer`` the HF
+Trainer and ``dpo`` TRL's DPOTrainer. Exits non-zero (AssertionError) on any mismatch.
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer|dpo ...]
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py
+       [untied|tied|trainer|dpo|pref-untied|pref-tied|pref-trainer ...]
 """
 
 from __future__ import annotations
@@ -457,7 +461,7 @@ def run_pref_trainer(rank: int, world: int) -> None:
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo"]
+    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo", "pref-untied", "pref-tied", "pref-trainer"]
     for layout in layouts:
         if layout == "trainer":
             run_hf_trainer(rank, world)
@@ -470,7 +474,8 @@ def main() -> None:
         elif layout in ("pref-untied", "pref-tied"):
             run_pref(layout == "pref-tied", rank, world)
         else:
-            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer' or 'dpo'")
+            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer', 'dpo', "
+                             "'pref-untied', 'pref-tied' or 'pref-trainer'")
     torch.distributed.destroy_process_group()
 
 
