@@ -32,7 +32,6 @@ from ..preference import (
 from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
 from .collator import PreferenceCollator
 from .head_call import call_head, call_through, fsdp_root
-from .zero3 import gathered_for_forward, initialize_reference, is_deepspeed_engine, zero3_head_owner
 from .transformers import (
     _head_module,
     backbone,
@@ -41,6 +40,7 @@ from .transformers import (
     output_head,
     unwrap_model,
 )
+from .zero3 import gathered_for_forward, initialize_reference, is_deepspeed_engine, zero3_head_owner
 
 __all__ = ["PreferenceTrainer", "compute_preference_loss", "model_inputs", "precompute_ref_logps"]
 

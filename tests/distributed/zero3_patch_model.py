@@ -289,16 +289,6 @@ def rank_pairs(batch: dict, rank: int, world: int) -> dict:
     return {k: v[sel] if k.startswith("ref_") else v[rows] for k, v in batch.items()}
 
 
-def zero3_reference(model: torch.nn.Module) -> "deepspeed.DeepSpeedEngine":
-    """A frozen reference under ZeRO-3 as TRL prepares one: ``deepspeed.initialize`` without an
-    optimizer (its parameters are partitioned, its hooks gather them), eval mode."""
-    model.requires_grad_(False)
-    config = {k: v for k, v in ds_config().items() if k != "zero_allow_untested_optimizer"}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
-
-
 def run_pref(tied: bool, rank: int, world: int) -> None:
     """compute_preference_loss and precompute_ref_logps under ZeRO-3 against one process:
     the reference as a ZeRO-3 model, then as log-probs that precompute_ref_logps computed with
@@ -308,6 +298,7 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
     steps."""
     from apo_kernels import FusedLinearPreferenceLoss
     from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
+    from apo_kernels.integrations.zero3 import initialize_reference
 
     tag = "pref " + ("tied" if tied else "untied")
     tok = build_tiny_tokenizer([TEXT])
@@ -316,7 +307,8 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
     ref_base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=tied, seed=22)
     loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
 
-    ref_engine = zero3_reference(copy.deepcopy(ref_base))
+    # As PreferenceTrainer prepares a reference (and TRL does): deepspeed.initialize, no optimizer.
+    ref_engine = initialize_reference(copy.deepcopy(ref_base), ds_config())
     assert ref_engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: reference not partitioned"
 
     # precompute_ref_logps with the ZeRO-3 reference (every rank scores the same records: its
@@ -342,7 +334,7 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
                              "ref_rejected_logps": torch.tensor([g["ref_rejected_logps"] for g in got])}
 
     for mode in ("ref_model", "precomputed"):
-        def batch_for(step: int) -> dict:
+        def batch_for(step: int, mode: str = mode) -> dict:
             batch = dict(batches[step])
             if mode == "precomputed":
                 batch.update(precomputed[step])
