@@ -143,7 +143,11 @@ def compute_preference_loss(
 
     Under FSDP2 (``fully_shard``) the backbone runs inside the root's forward and the head
     inside the forward of the group that shards it, so FSDP unshards, casts and reduce-scatters
-    as for the model's own forward (see :mod:`apo_kernels.integrations.head_call`).
+    as for the model's own forward (see :mod:`apo_kernels.integrations.head_call`). Under
+    DeepSpeed ZeRO-3 the head runs through the head module's hooks, and a ZeRO-3 reference's
+    head is gathered only while the op runs (see :mod:`apo_kernels.integrations.zero3`); pass
+    the engines (``model=engine``, ``ref_model=initialize_reference(...)``) and call
+    ``engine.backward(out.loss)``.
 
     Args:
         model: the policy (a transformers causal LM, possibly PEFT-wrapped).

@@ -9,8 +9,13 @@ within a forward, one that is released before the backward runs: the backward th
 elements). So the head is computed *through the head module*: its hooks gather the weight for
 our forward, re-gather it before our backward, and route dW through ZeRO-3's reduce-scatter.
 
-This module only recognises the layout (duck-typed on DeepSpeed's attributes: no import of
-``deepspeed``, which stays an optional extra, ``pip install 'apo-kernels[zero3]'``).
+A frozen reference model needs only a forward, read while the *policy's* head op runs: its head
+is held whole for that op with ``GatheredParameters`` (:func:`gathered_for_forward`), and a
+reference is given DeepSpeed hooks by :func:`initialize_reference`.
+
+Recognising the layout is duck-typed on DeepSpeed's attributes; ``deepspeed`` (an optional extra,
+``pip install 'apo-kernels[zero3]'``) is imported only where a ZeRO-3 parameter must be gathered
+or a reference initialised.
 """
 
 from __future__ import annotations
