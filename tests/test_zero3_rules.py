@@ -216,3 +216,6 @@ def test_initialize_reference_config(monkeypatch):
     with pytest.raises(ValueError, match="stage 3.*stage 2"):
         initialize_reference(model, {"zero_optimization": {"stage": 2}})
     assert not is_deepspeed_engine(engine)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed: one line naming the extra
+    with pytest.raises(ImportError, match=r"pip install 'apo-kernels\[zero3\]'"):
+        initialize_reference(model, {"zero_optimization": {"stage": 3}})

@@ -29,7 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["full_shape", "gathered_for_forward", "initialize_reference", "is_zero3_gathered", "is_zero3_param", "zero3_head_owner"]
+from .._optional import require
+
+__all__ = [
+    "full_shape",
+    "gathered_for_forward",
+    "initialize_reference",
+    "is_deepspeed_engine",
+    "is_zero3_gathered",
+    "is_zero3_param",
+    "zero3_head_owner",
+]
 
 
 def is_zero3_param(t: object) -> bool:
@@ -104,8 +114,8 @@ def gathered_for_forward(*tensors: Tensor | None) -> Iterator[None]:
     if not params:
         yield
         return
-    import deepspeed  # present: only DeepSpeed puts `ds_id` on a parameter
-
+    # Present in practice: only DeepSpeed puts `ds_id` on a parameter.
+    deepspeed = require("deepspeed", "zero3", "gathering a ZeRO-3 reference head")
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 
@@ -129,8 +139,6 @@ def initialize_reference(model: nn.Module, ds_config: dict[str, Any]) -> nn.Modu
     Returns:
         the DeepSpeed engine wrapping ``model``, in eval mode, parameters frozen.
     """
-    import deepspeed  # the zero3 extra: pip install 'apo-kernels[zero3]'
-
     def without_auto(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: without_auto(v) for k, v in value.items() if v != "auto"}
@@ -143,6 +151,7 @@ def initialize_reference(model: nn.Module, ds_config: dict[str, Any]) -> nn.Modu
         raise ValueError(f"initialize_reference is for ZeRO stage 3; `ds_config` has stage {stage!r}")
     if "train_batch_size" not in config and "train_micro_batch_size_per_gpu" not in config:
         config["train_micro_batch_size_per_gpu"] = 1  # required by DeepSpeed, unused by a forward
+    deepspeed = require("deepspeed", "zero3", "initialize_reference")
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
