@@ -2,7 +2,12 @@
 accelerator), compared with one process: log-probs, entropy, loss, every gradient, weights after
 two optimizer steps; tied and untied heads; and the HF Trainer recipe (``TrainingArguments(deepspeed=...)``,
 a model partitioned while ``from_pretrained`` loads it) for three steps
-(worker: tests/distributed/zero3_patch_model.py). A second launch checks TRL's DPOTrainer under
+(worker: tests/distributed/zero3_patch_model.py). The same launch checks the preference-loss
+paths against one process: ``precompute_ref_logps`` with a ZeRO-3 reference,
+``compute_preference_loss`` with a ZeRO-3 reference model and with precomputed reference
+log-probs (loss, log-probs, metrics, every gradient, weights after two steps; tied and untied),
+and ``PreferenceTrainer`` with a ZeRO-3 policy and reference (loss and metrics of two steps).
+A second launch checks TRL's DPOTrainer under
 ZeRO-3 with ``apo_kernels.integrations.trl.enable()`` against TRL's own head.
 
 Skips without DeepSpeed (``pip install 'apo-kernels[zero3]'``). The worker skips compiling
@@ -24,11 +29,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_zero3_patch_model_matches_one_process():
-    out = run_torchrun("zero3_patch_model.py", "untied", "tied", "trainer", timeout=420.0,
-                       env={"DS_ACCELERATOR": "cpu"})
+    out = run_torchrun("zero3_patch_model.py", "untied", "tied", "trainer", "pref-untied", "pref-tied",
+                       "pref-trainer", timeout=420.0, env={"DS_ACCELERATOR": "cpu"})
     for layout in ("untied", "tied"):
         assert f"zero3 {layout}: logprobs, entropy, loss" in out, out[-3000:]
+        assert f"zero3 pref {layout}: precompute_ref_logps, compute_preference_loss" in out, out[-3000:]
     assert "zero3 trainer: from_pretrained under ZeRO-3" in out, out[-3000:]
+    assert "zero3 pref trainer: PreferenceTrainer, ZeRO-3 policy and reference" in out, out[-3000:]
 
 
 def test_zero3_trl_dpo_enable_matches_trl_head():

@@ -155,3 +155,67 @@ def test_unwrap_sees_through_a_deepspeed_engine():
     assert unwrap_model(engine) is model
     assert patch_model(engine, backend="torch") is engine
     assert is_patched(model) and "forward" not in vars(engine)
+
+
+def test_gathered_for_forward_leaves_other_tensors_alone_without_deepspeed(monkeypatch):
+    import sys
+
+    from apo_kernels.integrations.zero3 import gathered_for_forward
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # any import of it now fails
+    whole = nn.Parameter(torch.randn(5, 4))
+    _mark_zero3(whole, 0)  # ZeRO-3, but whole already (inside its module's forward)
+    with gathered_for_forward(torch.randn(3), whole, None):
+        pass
+    _partition(whole)
+    with pytest.raises(ImportError), gathered_for_forward(whole):  # partitioned: needs DeepSpeed
+        pass
+
+
+def test_reference_model_partitioned_without_hooks_is_a_clear_error():
+    from apo_kernels.integrations.trainer import compute_preference_loss
+
+    policy, ref = _tiny(), _tiny()
+    _mark_zero3(ref.lm_head.weight, 0)
+    _partition(ref.lm_head.weight)
+    ids = torch.randint(0, 53, (2, 6))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    with pytest.raises(ValueError, match=r"no DeepSpeed module hooks.*initialize_reference"):
+        compute_preference_loss(policy, batch, ref_model=ref)
+
+
+class _FakeDeepSpeed:
+    """Stands in for the ``deepspeed`` module: records the config given to ``initialize``."""
+
+    def __init__(self) -> None:
+        self.configs: list[dict] = []
+
+    def initialize(self, model: nn.Module, config: dict) -> tuple:
+        self.configs.append(config)
+        return nn.Sequential(model), None, None, None
+
+
+def test_initialize_reference_config(monkeypatch):
+    import sys
+
+    from apo_kernels.integrations.zero3 import initialize_reference, is_deepspeed_engine
+
+    fake = _FakeDeepSpeed()
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    model = _tiny()
+    config = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "bf16": {"enabled": True},
+              "train_batch_size": "auto",
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "overlap_comm": True}}
+    engine = initialize_reference(model, config)
+    # No optimizer, no scheduler, no "auto" left (nothing would fill them), a batch size DeepSpeed
+    # insists on; the caller's config untouched; the reference frozen, in eval mode.
+    assert fake.configs == [{"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1,
+                             "zero_optimization": {"stage": 3, "overlap_comm": True}}]
+    assert config["optimizer"] == {"type": "AdamW"} and config["train_batch_size"] == "auto"
+    assert not engine.training and not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="stage 3.*stage 2"):
+        initialize_reference(model, {"zero_optimization": {"stage": 2}})
+    assert not is_deepspeed_engine(engine)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed: one line naming the extra
+    with pytest.raises(ImportError, match=r"pip install 'apo-kernels\[zero3\]'"):
+        initialize_reference(model, {"zero_optimization": {"stage": 3}})

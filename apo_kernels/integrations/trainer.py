@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .transformers import (
     output_head,
     unwrap_model,
 )
+from .zero3 import gathered_for_forward, initialize_reference, is_deepspeed_engine, zero3_head_owner
 
 __all__ = ["PreferenceTrainer", "compute_preference_loss", "model_inputs", "precompute_ref_logps"]
 
@@ -80,8 +82,15 @@ def _in_root(model: nn.Module, fn: Any) -> tuple:
 
 def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dict[str, Tensor]
                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The reference's last hidden states and head ``(weight, bias)``, detached; the head is
+    ``(None, None)`` for a PEFT policy (the policy's own head, adapters off) and for a ZeRO-3
+    reference (read later, while the op runs, inside :func:`_reference_head`)."""
     with torch.no_grad():
         if ref_model is not None:
+            if zero3_head_owner(_head_module(ref_model)) is not None:
+                # ZeRO-3 partitions the head again after this returns: gather it where it is used.
+                return _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0], None, None
+
             def ref_forward() -> tuple:
                 ref_weight, ref_bias = output_head(ref_model)  # no gradient: gathering is exact
                 return (hidden_states(ref_model, **inputs), ref_weight.detach(),
@@ -96,6 +105,27 @@ def _reference_hidden(model: nn.Module, ref_model: nn.Module | None, inputs: dic
         "no reference: pass `ref_model`, precomputed `ref_chosen_logps`/`ref_rejected_logps` in the "
         "batch (see precompute_ref_logps), or train a PEFT model (its base is the reference)"
     )
+
+
+@contextlib.contextmanager
+def _reference_head(ref_model: nn.Module | None) -> Iterator[tuple[Tensor, Tensor | None] | None]:
+    """A ZeRO-3 reference model's head ``(weight, bias)``, detached and whole while the context
+    lasts (forward only: see :func:`~.zero3.gathered_for_forward`); None for any other
+    reference (its head was read with its hidden states)."""
+    head = None if ref_model is None else _head_module(ref_model)
+    if head is None or zero3_head_owner(head) is None:
+        yield None
+        return
+    # Not under no_grad here: the caller's policy op runs inside this context.
+    with gathered_for_forward(head.weight, _head_bias(head)):
+        with torch.no_grad():
+            weight, bias = output_head(ref_model)
+        yield weight.detach(), None if bias is None else bias.detach()
+
+
+def _head_bias(head: nn.Module) -> Tensor | None:
+    bias = getattr(head, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
 
 
 _OUTPUT_TENSORS = ("loss", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
@@ -113,7 +143,11 @@ def compute_preference_loss(
 
     Under FSDP2 (``fully_shard``) the backbone runs inside the root's forward and the head
     inside the forward of the group that shards it, so FSDP unshards, casts and reduce-scatters
-    as for the model's own forward (see :mod:`apo_kernels.integrations.head_call`).
+    as for the model's own forward (see :mod:`apo_kernels.integrations.head_call`). Under
+    DeepSpeed ZeRO-3 the head runs through the head module's hooks, and a ZeRO-3 reference's
+    head is gathered only while the op runs (see :mod:`apo_kernels.integrations.zero3`); pass
+    the engines (``model=engine``, ``ref_model=initialize_reference(...)``) and call
+    ``engine.backward(out.loss)``.
 
     Args:
         model: the policy (a transformers causal LM, possibly PEFT-wrapped).
@@ -151,16 +185,19 @@ def compute_preference_loss(
         # Inside the forward of the group that shards the head, if any: output_head then reads
         # the unsharded parameters (see head_call.call_head).
         weight, bias = output_head(model)
-        kw = dict(ref)
-        if "ref_hidden" in kw and kw["ref_weight"] is None:  # PEFT: the policy's own head
-            kw["ref_bias"] = None if bias is None else bias.detach()
         if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
             hidden = hidden.to(weight.dtype)
-        if "ref_hidden" in kw:
-            rw = kw["ref_weight"] if kw["ref_weight"] is not None else weight
-            if kw["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
-                kw["ref_hidden"] = kw["ref_hidden"].to(rw.dtype)
-        out = fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **kw, **config)
+        kw = dict(ref)
+        with _reference_head(ref_model if "ref_hidden" in kw else None) as zero3_ref:
+            if zero3_ref is not None:  # a ZeRO-3 reference's head: whole only inside this context
+                kw["ref_weight"], kw["ref_bias"] = zero3_ref
+            elif "ref_hidden" in kw and kw["ref_weight"] is None:  # PEFT: the policy's own head
+                kw["ref_bias"] = None if bias is None else bias.detach()
+            if "ref_hidden" in kw:
+                rw = kw["ref_weight"] if kw["ref_weight"] is not None else weight
+                if kw["ref_hidden"].dtype != rw.dtype and not torch.is_autocast_enabled(device.type):
+                    kw["ref_hidden"] = kw["ref_hidden"].to(rw.dtype)
+            out = fused_linear_preference_loss(hidden, weight, labels, bias, seq_ids=seq_ids, **kw, **config)
         metric_keys[:] = list(out.metrics)
         return (*(getattr(out, k) for k in _OUTPUT_TENSORS), *out.metrics.values())
 
@@ -211,7 +248,9 @@ def precompute_ref_logps(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty: nothing to score")
-    weight, bias = output_head(ref_model)
+    # A ZeRO-3 head is partitioned between batches: only its dtype and device are read here, and
+    # it is gathered for each batch's op (_reference_head).
+    weight, bias = output_head(ref_model, gather=zero3_head_owner(_head_module(ref_model)) is None)
     transform = head_transform(unwrap_model(ref_model).config)
     device = weight.device
     was_training = ref_model.training
@@ -226,8 +265,10 @@ def precompute_ref_logps(
                 inputs = model_inputs(batch, device)
                 hidden = _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0]  # noqa: B023
                 hidden, labels, seq_ids = _shifted(batch, hidden, device)
-                tok = linear_logprobs(hidden.to(weight.dtype), weight, labels, bias, temperature=temperature,
-                                      logit_scale=transform.logit_scale, softcap=transform.softcap)
+                with _reference_head(ref_model) as zero3_head:
+                    w, b = zero3_head if zero3_head is not None else (weight, bias)
+                    tok = linear_logprobs(hidden.to(w.dtype), w, labels, b, temperature=temperature,
+                                          logit_scale=transform.logit_scale, softcap=transform.softcap)
                 mask = labels != -100
                 if seq_ids is None:
                     seq = padded_sequence_logps(tok, mask, reduction=reduction, ld_alpha=ld_alpha).logps
@@ -263,7 +304,9 @@ class PreferenceTrainer(_trainer_base()):
         args: ``TrainingArguments``; ``remove_unused_columns`` is forced off (the collator needs
             the raw ``prompt``/``chosen``/``rejected`` fields).
         ref_model: the frozen reference; not needed when the dataset carries
-            ``ref_chosen_logps``/``ref_rejected_logps`` or the policy is a PEFT model.
+            ``ref_chosen_logps``/``ref_rejected_logps`` or the policy is a PEFT model. Under
+            DeepSpeed ZeRO-3 it is partitioned like the policy (``deepspeed.initialize`` without
+            an optimizer, see :func:`~.zero3.initialize_reference`) unless it is an engine already.
         loss_fn: the loss (default ``FusedLinearPreferenceLoss("apo_zero", beta=0.1)``).
         data_collator: default ``PreferenceCollator(processing_class)``.
         other arguments: as for ``transformers.Trainer`` (``train_dataset``, ``eval_dataset``,
@@ -284,12 +327,22 @@ class PreferenceTrainer(_trainer_base()):
         super().__init__(model=model, args=args, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
         self.loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
-        self.ref_model = ref_model
         if ref_model is not None:
             ref_model.requires_grad_(False)
+            if self._zero3_config() is not None and not is_deepspeed_engine(ref_model):
+                # Partitioned like the policy, its hooks gathering each layer (as TRL does).
+                ref_model = initialize_reference(ref_model, self._zero3_config())
+            else:
+                ref_model.to(self.args.device)
             ref_model.eval()
-            ref_model.to(self.args.device)
+        self.ref_model = ref_model
         self._pref_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _zero3_config(self) -> dict[str, Any] | None:
+        """The run's DeepSpeed config when it is ZeRO stage 3, else None."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        config = getattr(plugin, "deepspeed_config", None) or {}
+        return config if config.get("zero_optimization", {}).get("stage") == 3 else None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

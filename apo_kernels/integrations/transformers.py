@@ -170,10 +170,11 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
                 raise ValueError(
                     f"the LM head's weight is partitioned by DeepSpeed ZeRO-3 (full shape "
                     f"{list(full_shape(t))}, {t.numel()} elements on this rank) and this call reads "
-                    "it outside the head module's hooks: use `patch_model` (it calls the head "
-                    "through its module) or TRL with `apo_kernels.integrations.trl.enable()`, or "
-                    "gather it with `deepspeed.zero.GatheredParameters` for a forward without "
-                    "backward (compute_preference_loss / PreferenceTrainer do not support ZeRO-3 yet)"
+                    "it outside the head module's hooks: use `patch_model`, `compute_preference_loss`, "
+                    "`PreferenceTrainer` or `precompute_ref_logps` (they call the head through its "
+                    "module, and gather a reference model's head while they use it), TRL with "
+                    "`apo_kernels.integrations.trl.enable()`, or gather it yourself with "
+                    "`deepspeed.zero.GatheredParameters` for a forward without backward"
                 )
     if gather and torch.is_grad_enabled() and weight.requires_grad:
         _refuse_fsdp_sharded(model, head, weight)

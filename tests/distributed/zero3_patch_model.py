@@ -6,9 +6,13 @@ ground truth (the same patched model, no DeepSpeed) sees every rank's micro-batc
 the per-rank losses, as ZeRO's data-parallel gradient averaging does. Then ZeRO-3 trains two
 steps (different data each step) and each step compares log-probs, entropy and loss (this
 rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
-full weight. Exits non-zero (AssertionError) on any mismatch.
+full weight. ``pref-untied`` / ``pref-tied`` do the same for the preference-loss paths
+(``precompute_ref_logps`` and ``compute_preference_loss`` with a ZeRO-3 reference model or with
+precomputed reference log-probs), ``pref-trainer`` runs ``PreferenceTrainer``, ``trainer`` the HF
+Trainer and ``dpo`` TRL's DPOTrainer. Exits non-zero (AssertionError) on any mismatch.
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py [untied|tied|trainer|dpo ...]
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py
+       [untied|tied|trainer|dpo|pref-untied|pref-tied|pref-trainer ...]
 """
 
 from __future__ import annotations
@@ -253,10 +257,203 @@ def run_dpo(rank: int, world: int) -> None:
               flush=True)
 
 
+PAIRS = 2  # preference pairs per rank per step
+
+
+def pref_batch(vocab: int, world: int, seed: int, ref_logps: bool) -> dict:
+    """A global preference batch of ``world * PAIRS`` pairs in the collator's layout (rows
+    ``[chosen..., rejected...]``, unshifted labels, right padding with an attention mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * world * PAIRS
+    ids = torch.randint(0, vocab, (n, SEQ), generator=gen)
+    labels = ids.clone()
+    attention = torch.ones_like(ids)
+    for row in range(n):
+        labels[row, : 2 + row % 3] = -100          # the prompt
+        pad = row % 2                               # some rows padded at the end
+        if pad:
+            labels[row, -pad:] = -100
+            attention[row, -pad:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    if ref_logps:
+        batch["ref_chosen_logps"] = -20 * torch.rand(world * PAIRS, generator=gen)
+        batch["ref_rejected_logps"] = -20 * torch.rand(world * PAIRS, generator=gen)
+    return batch
+
+
+def rank_pairs(batch: dict, rank: int, world: int) -> dict:
+    """This rank's pairs, in the same ``[chosen..., rejected...]`` layout."""
+    total = world * PAIRS
+    sel = torch.arange(rank * PAIRS, (rank + 1) * PAIRS)
+    rows = torch.cat([sel, sel + total])
+    return {k: v[sel] if k.startswith("ref_") else v[rows] for k, v in batch.items()}
+
+
+def run_pref(tied: bool, rank: int, world: int) -> None:
+    """compute_preference_loss and precompute_ref_logps under ZeRO-3 against one process:
+    the reference as a ZeRO-3 model, then as log-probs that precompute_ref_logps computed with
+    that ZeRO-3 reference. Per rank: chosen/rejected/reference log-probs, loss and every metric
+    (against one process on this rank's pairs); every full gradient (against one process on all
+    pairs: ZeRO averages the ranks' gradients, the loss is a mean over pairs); weights after two
+    steps."""
+    from apo_kernels import FusedLinearPreferenceLoss
+    from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
+    from apo_kernels.integrations.zero3 import initialize_reference
+
+    tag = "pref " + ("tied" if tied else "untied")
+    tok = build_tiny_tokenizer([TEXT])
+    vocab = len(tok)
+    base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=tied, seed=21)
+    ref_base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=tied, seed=22)
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+
+    # As PreferenceTrainer prepares a reference (and TRL does): deepspeed.initialize, no optimizer.
+    ref_engine = initialize_reference(copy.deepcopy(ref_base), ds_config())
+    assert ref_engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: reference not partitioned"
+
+    # precompute_ref_logps with the ZeRO-3 reference (every rank scores the same records: its
+    # gathers are collectives) against the same reference in one process.
+    records = [{"pair": i} for i in range(world * PAIRS)]
+    batches = {step: pref_batch(vocab, world, 300 + step, ref_logps=False) for step in range(2)}
+
+    def collate(step: int):
+        def fn(examples: list[dict]) -> dict:
+            sel = torch.tensor([e["pair"] for e in examples])
+            rows = torch.cat([sel, sel + world * PAIRS])
+            return {k: v[rows] for k, v in batches[step].items()}
+        return fn
+
+    precomputed = {}
+    for step in range(2):
+        want = precompute_ref_logps(copy.deepcopy(ref_base), records, collate(step), batch_size=3, progress=False)
+        got = precompute_ref_logps(ref_engine, records, collate(step), batch_size=3, progress=False)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            check(f"{tag} step {step} precompute_ref_logps {key}", torch.tensor([g[key] for g in got]),
+                  torch.tensor([w[key] for w in want]))
+        precomputed[step] = {"ref_chosen_logps": torch.tensor([g["ref_chosen_logps"] for g in got]),
+                             "ref_rejected_logps": torch.tensor([g["ref_rejected_logps"] for g in got])}
+
+    for mode in ("ref_model", "precomputed"):
+        def batch_for(step: int, mode: str = mode) -> dict:
+            batch = dict(batches[step])
+            if mode == "precomputed":
+                batch.update(precomputed[step])
+            return batch
+
+        single = copy.deepcopy(base)
+        single_ref = copy.deepcopy(ref_base).requires_grad_(False) if mode == "ref_model" else None
+        opt = optimizer(single)
+        model = copy.deepcopy(base)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=ds_config())
+        assert engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: policy not partitioned"
+        ref_arg = ref_engine if mode == "ref_model" else None
+        params = dict(single.named_parameters())
+        for step in range(2):
+            full = batch_for(step)
+            mine = rank_pairs(full, rank, world)
+            with torch.no_grad():  # one process on this rank's pairs: values and metrics
+                want = compute_preference_loss(single, mine, loss_fn, ref_model=single_ref)
+            opt.zero_grad(set_to_none=True)
+            compute_preference_loss(single, full, loss_fn, ref_model=single_ref).loss.backward()
+
+            out = compute_preference_loss(engine, mine, loss_fn, ref_model=ref_arg)
+            name = f"{tag} {mode} step {step}"
+            for key in ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+                check(f"{name} {key}", getattr(out, key), getattr(want, key))
+            assert sorted(out.metrics) == sorted(want.metrics), f"{name}: metric names differ"
+            for key, value in want.metrics.items():
+                check(f"{name} metric {key}", out.metrics[key], value)
+            engine.backward(out.loss)
+            for pname, param in engine.module.named_parameters():  # collective: same order everywhere
+                grad = safe_get_full_grad(param)
+                ref_grad = params[pname].grad
+                assert grad is not None and ref_grad is not None, f"{name} {pname}: no gradient"
+                check(f"{name} grad {pname}", grad.view(ref_grad.shape), ref_grad)
+            engine.step()
+            opt.step()
+        for pname, param in engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                check(f"{tag} {mode} weight {pname} after 2 steps", param.data.clone(), params[pname].data)
+        head_grad = single.get_output_embeddings().weight.grad.abs().sum().item()
+        assert head_grad > 0, f"{tag} {mode}: the head got no gradient (the test would prove nothing)"
+        engine.destroy()
+    ref_engine.destroy()
+    if rank == 0:
+        print(f"zero3 {tag}: precompute_ref_logps, compute_preference_loss (ZeRO-3 reference model, "
+              "precomputed) loss, log-probs, metrics, gradients x2 steps, weights OK", flush=True)
+
+
+def run_pref_trainer(rank: int, world: int) -> None:
+    """PreferenceTrainer under ZeRO-3 (the HF Trainer recipe: ``TrainingArguments(deepspeed=...)``
+    first, so policy and reference are partitioned while ``from_pretrained`` loads them; tied
+    heads; the trainer gives the reference DeepSpeed hooks). Every record is the same pair, so
+    each logged step must equal one process on one batch whatever the sampler does: the loss and
+    every metric of both steps (plain SGD at a constant rate: the second step checks the
+    first step's update)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from apo_kernels import FusedLinearPreferenceLoss
+    from apo_kernels.integrations.collator import PreferenceCollator
+    from apo_kernels.integrations.trainer import PreferenceTrainer, compute_preference_loss
+
+    tok = build_tiny_tokenizer([TEXT])
+    record = {"prompt": "the quick brown", "chosen": "fox jumps over the lazy dog",
+              "rejected": "dog while seven odd wizards"}
+    policy = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=31)
+    reference = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, tie_word_embeddings=True, seed=32)
+    folder = [tempfile.mkdtemp(prefix="zero3-pref-trainer-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(folder, src=0)
+    folder = folder[0]
+    if rank == 0:
+        policy.save_pretrained(os.path.join(folder, "policy"))
+        reference.save_pretrained(os.path.join(folder, "ref"))
+    torch.distributed.barrier()
+
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+    lr = 0.5
+    batch = PreferenceCollator(tok)([record] * MICRO)
+    want = []
+    opt = torch.optim.SGD(policy.parameters(), lr=lr)
+    for _ in range(2):
+        out = compute_preference_loss(policy, batch, loss_fn, ref_model=reference)
+        want.append({"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert abs(want[1]["loss"] - want[0]["loss"]) > 1e-3, f"pref trainer: the step changed nothing {want}"
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    args = TrainingArguments(output_dir=os.path.join(folder, f"out{rank}"), per_device_train_batch_size=MICRO,
+                             max_steps=2, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=0.0, deepspeed=ds, use_cpu=True, report_to=[], logging_steps=1,
+                             save_strategy="no", disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"))
+    ref_model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "ref"))
+    for m in (model, ref_model):
+        assert m.get_output_embeddings().weight.numel() == 0, "pref trainer: not partitioned at load"
+    trainer = PreferenceTrainer(model, args, ref_model=ref_model, loss_fn=loss_fn, processing_class=tok,
+                                train_dataset=[record] * (4 * world * MICRO))
+    assert "DeepSpeedEngine" in type(trainer.ref_model).__name__, "pref trainer: reference not initialised"
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2, logs
+    for step, (got, exp) in enumerate(zip(logs, want)):
+        for key, value in exp.items():
+            assert key in got, f"pref trainer step {step}: {key} not logged ({sorted(got)})"
+            check(f"pref trainer step {step} {key}", torch.tensor(got[key]), torch.tensor(value))
+    if rank == 0:
+        print(f"zero3 pref trainer: PreferenceTrainer, ZeRO-3 policy and reference, loss and "
+              f"{len(want[0]) - 1} metrics x2 steps OK", flush=True)
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo"]
+    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo", "pref-untied", "pref-tied", "pref-trainer"]
     for layout in layouts:
         if layout == "trainer":
             run_hf_trainer(rank, world)
@@ -264,8 +461,13 @@ def main() -> None:
             run_dpo(rank, world)
         elif layout in ("untied", "tied"):
             run(layout == "tied", rank, world)
+        elif layout == "pref-trainer":
+            run_pref_trainer(rank, world)
+        elif layout in ("pref-untied", "pref-tied"):
+            run_pref(layout == "pref-tied", rank, world)
         else:
-            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer' or 'dpo'")
+            raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer', 'dpo', "
+                             "'pref-untied', 'pref-tied' or 'pref-trainer'")
     torch.distributed.destroy_process_group()
 
 
