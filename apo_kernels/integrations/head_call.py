@@ -38,6 +38,7 @@ __all__ = [
     "fsdp_root",
     "gathered_fsdp_param",
     "head_owner",
+    "is_fsdp_sharded",
 ]
 
 OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
@@ -98,6 +99,15 @@ def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
                 f"({err}); apo-kernels was tested with the FSDP2 internals of torch 2.13"
             ) from err
     return None
+
+
+def is_fsdp_sharded(model: nn.Module, weight: Tensor) -> bool:
+    """Whether ``weight`` is an FSDP2 parameter in its sharded form (FSDP's own ``Shard(0)``
+    across the data-parallel mesh), as opposed to its unsharded form or a parameter FSDP does
+    not manage. Under FSDP2 x tensor parallelism the unsharded form is itself a DTensor: the
+    tensor-parallel shard, ``Shard(0)`` on the TP mesh for a vocabulary-parallel head."""
+    found = _managing_state(model, weight)
+    return found is not None and getattr(found[1], "_unsharded_param", None) is not weight
 
 
 def _is_dtensor(t: Tensor) -> bool:
