@@ -28,6 +28,8 @@ Cases (:data:`CASES`, 2 ranks = one TP group):
   every rank raises a ValueError naming the labels (not silently wrong; no rank hangs).
 - ``trainer``: the HF ``Trainer`` for two steps (see :func:`run_trainer` for the one CPU-only
   bypass it needs).
+- ``pref-untied``, ``pref-tied-refmodel``: ``compute_preference_loss`` (``PreferenceTrainer``'s
+  loss) on the TP model, with precomputed reference log-probs / a TP reference model.
 
 :data:`CASES_4` (4 ranks: ``DistributedConfig(tp_size=2, fsdp_size=2)``, a ``(fsdp=2, tp=2)``
 mesh): ``fsdp_tp-untied``, ``fsdp_tp-tied``: FSDP2 x TP, each FSDP rank its half of the batch;
@@ -59,7 +61,8 @@ import apo_kernels.integrations.transformers as apo_tf
 from apo_kernels.integrations.transformers import patch_model, verify_patch
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
-CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer")
+CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
+         "pref-untied", "pref-tied-refmodel")
 CASES_4 = ("fsdp_tp-untied", "fsdp_tp-tied")
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 LR, MOMENTUM = 0.5, 0.9
@@ -189,6 +192,8 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
         return run_mismatch(rank, world)
     if case == "trainer":
         return run_trainer(rank, world)
+    if case.startswith("pref-"):
+        return run_pref(case, rank, world)
     kind, tie, *rest = case.split("-")
     variant = rest[0] if rest else ""
     check = Checker(case, rank)
@@ -275,6 +280,77 @@ def extra_checks(model: LlamaForCausalLM, case: str, rank: int) -> list[str]:
     if not torch.allclose(ours, hf, **TOL):
         errors.append(f"{case} rank {rank}: patched loss {ours.item()} vs HF's own TP loss {hf.item()}")
     return errors
+
+
+def run_pref(case: str, rank: int, world: int) -> list[str]:
+    """``compute_preference_loss`` (the light path under ``PreferenceTrainer``) on the TP model vs
+    one process: chosen/rejected/reference log-probs, loss, every gradient, weights after two
+    steps. ``refmodel``: a reference model loaded with the same TP plan (forward only) instead
+    of precomputed reference log-probs."""
+    from apo_kernels import FusedLinearPreferenceLoss
+    from apo_kernels.integrations.trainer import compute_preference_loss
+
+    _, tie, *rest = case.split("-")
+    with_ref_model = rest == ["refmodel"]
+    check = Checker(case, rank)
+    folder = save_model(tie == "tied")
+    loss_fn = FusedLinearPreferenceLoss("apo_zero", beta=0.5, backend="torch", filter_eps=None)
+
+    def batch_for(step: int) -> dict:  # B // 2 pairs, rows [chosen..., rejected...]
+        ids, labels, attention = batches(step)
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        if not with_ref_model:
+            g = torch.Generator().manual_seed(200 + step)
+            batch["ref_chosen_logps"] = -10 * torch.rand(B // 2, generator=g)
+            batch["ref_rejected_logps"] = -10 * torch.rand(B // 2, generator=g)
+        return batch
+
+    import apo_kernels.integrations.trainer as apo_trainer
+
+    seen: list[tuple] = []
+    original = apo_trainer.fused_linear_preference_loss
+
+    def spy(hidden, weight, *args, **kwargs):  # the heads the loss gets (policy, reference)
+        for w in (weight, kwargs.get("ref_weight")):
+            if w is not None:
+                seen.append((type(w).__name__, tuple((w.to_local() if isinstance(w, DTensor) else w).shape)))
+        return original(hidden, weight, *args, **kwargs)
+
+    runs = []
+    for tp in (False, True):
+        seen.clear()
+        apo_trainer.fused_linear_preference_loss = spy
+        kw = {"tp_plan": "auto"} if tp else {}
+        model = load(folder, **kw)
+        ref_model = load(folder, **kw).requires_grad_(False) if with_ref_model else None
+        if ref_model is not None:
+            with torch.no_grad():  # a reference that differs from the policy, the same on every rank
+                for p in ref_model.parameters():
+                    p.mul_(0.9)
+        try:
+            opt = optimizer(model)
+            steps = []
+            for step in range(2):
+                out = compute_preference_loss(model, batch_for(step), loss_fn, ref_model=ref_model)
+                opt.zero_grad()
+                out.loss.backward()
+                steps.append((out, {n: full(p.grad) for n, p in model.named_parameters()}))
+                opt.step()
+        finally:
+            apo_trainer.fused_linear_preference_loss = original
+        rows = -(-V // 2) if rank == 0 else V // 2
+        if tp and (not seen or any(w != ("DTensor", (rows, D)) for w in seen)):
+            check.fail(f"the preference loss got the heads as {seen}, expected DTensor shards of {rows} rows")
+        runs.append((steps, {n: full(p.detach()) for n, p in model.named_parameters()}))
+    (want, want_params), (got, got_params) = runs
+    for step in range(2):
+        for field in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "loss"):
+            check(f"step {step} {field}", getattr(got[step][0], field), getattr(want[step][0], field))
+        for n, g in got[step][1].items():
+            check(f"step {step} grad {n}", g, want[step][1][n])
+    for n, p in got_params.items():
+        check(f"param after 2 steps {n}", p, want_params[n])
+    return check.errors
 
 
 def run_mismatch(rank: int, world: int) -> list[str]:
