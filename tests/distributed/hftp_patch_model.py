@@ -30,10 +30,15 @@ Cases (:data:`CASES`, 2 ranks = one TP group):
   bypass it needs).
 - ``pref-untied``, ``pref-tied-refmodel``: ``compute_preference_loss`` (``PreferenceTrainer``'s
   loss) on the TP model, with precomputed reference log-probs / a TP reference model.
+- ``auto-untied-trl``, ``size-tied-trl``: TRL's fused LM head (``add_fused_lm_head``, what its
+  trainers use) with ``apo_kernels.integrations.trl.enable()`` instead of ``patch_model``. TRL
+  gathers the DTensor head with ``full_tensor()``; our function must recognise the gather and
+  run on the ``Shard(0)`` parameter itself.
 
 :data:`CASES_4` (4 ranks: ``DistributedConfig(tp_size=2, fsdp_size=2)``, a ``(fsdp=2, tp=2)``
-mesh): ``fsdp_tp-untied``, ``fsdp_tp-tied``: FSDP2 x TP, each FSDP rank its half of the batch;
-the head FSDP unshards for the forward is the TP shard, run vocabulary-parallel.
+mesh): ``fsdp_tp-untied``, ``fsdp_tp-tied``, ``fsdp_tp-untied-trl``: FSDP2 x TP, each FSDP rank
+its half of the batch; the head FSDP unshards for the forward is the TP shard, run
+vocabulary-parallel.
 
 Rank 0 prints ``CASE <name> ok|FAILED`` per case (and appends it to ``$APO_HFTP_RESULTS``).
 """
@@ -62,8 +67,8 @@ from apo_kernels.integrations.transformers import patch_model, verify_patch
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
 CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
-         "pref-untied", "pref-tied-refmodel")
-CASES_4 = ("fsdp_tp-untied", "fsdp_tp-tied")
+         "pref-untied", "pref-tied-refmodel", "auto-untied-trl", "size-tied-trl")
+CASES_4 = ("fsdp_tp-untied", "fsdp_tp-tied", "fsdp_tp-untied-trl")
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 LR, MOMENTUM = 0.5, 0.9
 SAVED: list[str] = []  # folders rank 0 wrote (removed at the end)
@@ -141,11 +146,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 class Spy:
-    """Records the head weight ``linear_logprobs`` receives in the patched forward."""
+    """Records the head weight ``linear_logprobs`` receives in the patched forward (or in
+    another module that calls it, e.g. the TRL integration)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module=apo_tf) -> None:
         self.seen: list[tuple] = []
-        self._orig = apo_tf.linear_logprobs
+        self._module = module
+        self._orig = module.linear_logprobs
 
     def __enter__(self) -> "Spy":
         def spy(hidden, weight, *args, **kwargs):
@@ -154,11 +161,11 @@ class Spy:
                               tuple(local.shape)))
             return self._orig(hidden, weight, *args, **kwargs)
 
-        apo_tf.linear_logprobs = spy
+        self._module.linear_logprobs = spy
         return self
 
     def __exit__(self, *exc) -> None:
-        apo_tf.linear_logprobs = self._orig
+        self._module.linear_logprobs = self._orig
 
 
 class Checker:
@@ -202,10 +209,24 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
     model = load(folder, **tp_kwargs(kind, world))
     if tie == "tied" and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         check.fail("the tied head is not the embedding's parameter under TP")
-    if variant != "hf":  # "hf": the unpatched model's own loss (a control for the layout itself)
+    if variant == "trl":  # TRL's fused head, routed to our op by apo_trl.enable()
+        from trl.trainer.utils import add_fused_lm_head
+
+        from apo_kernels.integrations import trl as apo_trl
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+        apo_trl.enable(backend="torch", filter_eps=None)
+        try:
+            with Spy(apo_trl) as spy:
+                out, grads, _, params = train_two_steps(model, kind, rank, world, trl=True)
+        finally:
+            apo_trl.disable()
+        seen = spy.seen
+    elif variant != "hf":  # "hf": the unpatched model's own loss (a control for the layout itself)
         patch_model(model, backend="triton" if variant == "triton" else "torch", filter_eps=None,
                     outputs=("entropy",))
-    out, grads, seen, params = train_two_steps(model, kind, rank, world)
+    if variant != "trl":
+        out, grads, seen, params = train_two_steps(model, kind, rank, world)
     if variant != "hf":
         expect_rows = V if kind == "rowwise" else -(-V // 2) if rank % 2 == 0 else V // 2
         if not seen or any(s[2] != (expect_rows, D) for s in seen) or (
@@ -236,7 +257,7 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
     return check.errors
 
 
-def train_two_steps(model: LlamaForCausalLM, kind: str, rank: int, world: int) -> tuple:
+def train_two_steps(model: LlamaForCausalLM, kind: str, rank: int, world: int, trl: bool = False) -> tuple:
     """Two SGD steps on the global batches (each FSDP rank its rows). Returns the first step's
     outputs (``loss`` summed over FSDP ranks: the global mean), its gradients and the heads the
     fused op received (``full_tensor()``), and the parameters after two steps."""
@@ -250,8 +271,13 @@ def train_two_steps(model: LlamaForCausalLM, kind: str, rank: int, world: int) -
         n_global = (labels[:, 1:] != -100).sum()
         opt.zero_grad()
         with Spy() as spy:
-            out = model(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                        num_items_in_batch=n_global.float() / fsdp)
+            kw = dict(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
+                      num_items_in_batch=n_global.float() / fsdp)
+            if trl:
+                res = model(**kw, fused_lm_head=True)
+                out = SimpleNamespace(loss=res.loss, logprobs=res.log_probs, entropy=res.entropy)
+            else:
+                out = model(**kw)
         out.loss.backward()
         if step == 0:
             loss = out.loss.detach() / world  # TP ranks hold the same loss, FSDP ranks their part
