@@ -147,8 +147,9 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     a weight sharded by FSDP2 that needs a gradient: its gradient would skip FSDP's
     reduce-scatter, so that raises (the patched forward runs the head inside its FSDP group
     instead, see :mod:`apo_kernels.integrations.head_call`). A tensor-parallel head (DTensor
-    ``Shard(0)`` on a 1-D mesh, no FSDP in the model) is returned sharded: ``linear_logprobs``
-    runs vocabulary-parallel on it.
+    ``Shard(0)`` on a 1-D mesh that is not FSDP2's own sharding: transformers' ``tp_plan``,
+    ``ColwiseParallel``, the TP shard FSDP2 x TP unshards) is returned sharded:
+    ``linear_logprobs`` runs vocabulary-parallel on it.
 
     Raises:
         ValueError: the model has no output embedding, or a head this module cannot read.
