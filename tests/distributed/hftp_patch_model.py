@@ -33,7 +33,8 @@ Cases (:data:`CASES`, 2 ranks = one TP group):
 - ``auto-untied-trl``, ``size-tied-trl``: TRL's fused LM head (``add_fused_lm_head``, what its
   trainers use) with ``apo_kernels.integrations.trl.enable()`` instead of ``patch_model``. TRL
   gathers the DTensor head with ``full_tensor()``; our function must recognise the gather and
-  run on the ``Shard(0)`` parameter itself.
+  run on the ``Shard(0)`` parameter itself. ``tp_guard``: that recognition accepts only a plain
+  gather (and a cast), never another computation on the weight or another placement.
 
 :data:`CASES_4` (4 ranks: ``DistributedConfig(tp_size=2, fsdp_size=2)``, a ``(fsdp=2, tp=2)``
 mesh): ``fsdp_tp-untied``, ``fsdp_tp-tied``, ``fsdp_tp-untied-trl``: FSDP2 x TP, each FSDP rank
@@ -67,7 +68,7 @@ from apo_kernels.integrations.transformers import patch_model, verify_patch
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
 CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
-         "pref-untied", "pref-tied-refmodel", "auto-untied-trl", "size-tied-trl")
+         "pref-untied", "pref-tied-refmodel", "auto-untied-trl", "size-tied-trl", "tp_guard")
 CASES_4 = ("fsdp_tp-untied", "fsdp_tp-tied", "fsdp_tp-untied-trl")
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 LR, MOMENTUM = 0.5, 0.9
@@ -201,6 +202,8 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
         return run_trainer(rank, world)
     if case.startswith("pref-"):
         return run_pref(case, rank, world)
+    if case == "tp_guard":
+        return run_tp_guard(rank, world)
     kind, tie, *rest = case.split("-")
     variant = rest[0] if rest else ""
     check = Checker(case, rank)
@@ -376,6 +379,30 @@ def run_pref(case: str, rank: int, world: int) -> list[str]:
             check(f"step {step} grad {n}", g, want[step][1][n])
     for n, p in got_params.items():
         check(f"param after 2 steps {n}", p, want_params[n])
+    return check.errors
+
+
+def run_tp_guard(rank: int, world: int) -> list[str]:
+    """``gathered_tp_shard`` takes only a plain gather (and a cast) of a Shard(0) parameter for
+    a vocabulary shard: never another computation on it, nor another placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from apo_kernels.integrations.head_call import gathered_tp_shard
+
+    check = Checker("tp_guard", rank)
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(V, D, generator=torch.Generator().manual_seed(3)),
+                                             mesh, [Shard(0)]))
+    for name, t, want in (("full_tensor()", w.full_tensor(), w), ("cast", w.full_tensor().bfloat16(), w),
+                          ("scaled", w.full_tensor() * 2, None), ("a slice", w.full_tensor()[:5], None),
+                          ("detached", w.full_tensor().detach(), None),
+                          ("Shard(1)", torch.nn.Parameter(distribute_tensor(torch.randn(V, D), mesh, [Shard(1)])
+                                                          ).full_tensor(), None),
+                          ("Replicate", torch.nn.Parameter(distribute_tensor(torch.randn(V, D), mesh, [Replicate()])
+                                                           ).full_tensor(), None)):
+        if gathered_tp_shard(t) is not want:
+            check.fail(f"gathered_tp_shard({name}) is {'not ' if want is not None else ''}the shard")
     return check.errors
 
 
