@@ -56,6 +56,7 @@ import tempfile
 import traceback
 import warnings
 from types import SimpleNamespace
+from typing import Self
 
 import torch
 import torch.distributed as dist
@@ -155,7 +156,7 @@ class Spy:
         self._module = module
         self._orig = module.linear_logprobs
 
-    def __enter__(self) -> "Spy":
+    def __enter__(self) -> Self:
         def spy(hidden, weight, *args, **kwargs):
             local = weight.to_local() if isinstance(weight, DTensor) else weight
             self.seen.append((type(weight).__name__, tuple(getattr(weight, "placements", ())),
@@ -274,8 +275,8 @@ def train_two_steps(model: LlamaForCausalLM, kind: str, rank: int, world: int, t
         n_global = (labels[:, 1:] != -100).sum()
         opt.zero_grad()
         with Spy() as spy:
-            kw = dict(input_ids=ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                      num_items_in_batch=n_global.float() / fsdp)
+            kw = {"input_ids": ids[rows], "attention_mask": attention[rows], "labels": labels[rows],
+                  "num_items_in_batch": n_global.float() / fsdp}
             if trl:
                 res = model(**kw, fused_lm_head=True)
                 out = SimpleNamespace(loss=res.loss, logprobs=res.log_probs, entropy=res.entropy)
