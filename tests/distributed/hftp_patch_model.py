@@ -56,7 +56,7 @@ import tempfile
 import traceback
 import warnings
 from types import SimpleNamespace
-from typing import Self
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,9 @@ from transformers.distributed import DistributedConfig
 
 import apo_kernels.integrations.transformers as apo_tf
 from apo_kernels.integrations.transformers import patch_model, verify_patch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
 CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
