@@ -37,7 +37,9 @@ __all__ = [
     "fsdp2_owner",
     "fsdp_root",
     "gathered_fsdp_param",
+    "gathered_tp_shard",
     "head_owner",
+    "is_fsdp_sharded",
 ]
 
 OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
@@ -98,6 +100,15 @@ def _managing_state(model: nn.Module, weight: Tensor) -> tuple[Any, Any] | None:
                 f"({err}); apo-kernels was tested with the FSDP2 internals of torch 2.13"
             ) from err
     return None
+
+
+def is_fsdp_sharded(model: nn.Module, weight: Tensor) -> bool:
+    """Whether ``weight`` is an FSDP2 parameter in its sharded form (FSDP's own ``Shard(0)``
+    across the data-parallel mesh), as opposed to its unsharded form or a parameter FSDP does
+    not manage. Under FSDP2 x tensor parallelism the unsharded form is itself a DTensor: the
+    tensor-parallel shard, ``Shard(0)`` on the TP mesh for a vocabulary-parallel head."""
+    found = _managing_state(model, weight)
+    return found is not None and getattr(found[1], "_unsharded_param", None) is not weight
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -186,6 +197,43 @@ def gathered_fsdp_param(weight: Tensor) -> tuple[nn.Module, nn.Module, str] | No
                     info = fsdp_param._module_info
                     return _module_to_call(state, fsdp_param, None), info.module, info.param_name
     return None
+
+
+# The autograd nodes of ``p.full_tensor()`` (torch 2.13), optionally followed by a dtype cast.
+_FULL_TENSOR_CHAIN = ("_ToTorchTensorBackward", "RedistributeBackward")
+
+
+def gathered_tp_shard(weight: Tensor | None) -> Tensor | None:
+    """When ``weight`` is ``p.full_tensor()`` (or a dtype cast of it) of a parameter ``p`` placed
+    ``Shard(0)`` on a 1-D mesh (a tensor-parallel, vocabulary-split head), ``p``; else None.
+
+    For callers handed an already gathered head (TRL's fused forward gathers any DTensor
+    ``lm_head.weight`` with ``full_tensor()``): ``p`` itself runs vocabulary-parallel, holding
+    ``V/P`` rows instead of the whole head and its full-size gradient. Only the exact autograd
+    chain of a gather (and a cast) is accepted, so any other computation on the weight is
+    never mistaken for it. Check :func:`gathered_fsdp_param` first: an FSDP2-sharded
+    parameter has the same placement and is not a vocabulary shard.
+    """
+    if weight is None or not weight.requires_grad or weight.grad_fn is None:
+        return None
+    node = weight.grad_fn
+    if type(node).__name__ == "ToCopyBackward0":
+        node = _single_input(node)
+    for name in _FULL_TENSOR_CHAIN:
+        if node is None or type(node).__name__ != name:
+            return None
+        node = _single_input(node)
+    leaf = getattr(node, "variable", None)
+    if leaf is None or tuple(leaf.shape) != tuple(weight.shape):
+        return None
+    from ..ops.vocab_parallel import is_vocab_sharded
+
+    return leaf if is_vocab_sharded(leaf) else None
+
+
+def _single_input(node: Any) -> Any:
+    inputs = [n for n, _ in node.next_functions if n is not None]
+    return inputs[0] if len(inputs) == 1 else None
 
 
 def _is_dtensor_param_source(weight: Tensor) -> bool:

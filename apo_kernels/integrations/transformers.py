@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
 from ..ops.checks import check_options, check_real
-from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner
+from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner, is_fsdp_sharded
 from .zero3 import full_shape, is_zero3_gathered
 
 __all__ = [
@@ -147,8 +147,9 @@ def output_head(model: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     a weight sharded by FSDP2 that needs a gradient: its gradient would skip FSDP's
     reduce-scatter, so that raises (the patched forward runs the head inside its FSDP group
     instead, see :mod:`apo_kernels.integrations.head_call`). A tensor-parallel head (DTensor
-    ``Shard(0)`` on a 1-D mesh, no FSDP in the model) is returned sharded: ``linear_logprobs``
-    runs vocabulary-parallel on it.
+    ``Shard(0)`` on a 1-D mesh that is not FSDP2's own sharding: transformers' ``tp_plan``,
+    ``ColwiseParallel``, the TP shard FSDP2 x TP unshards) is returned sharded:
+    ``linear_logprobs`` runs vocabulary-parallel on it.
 
     Raises:
         ValueError: the model has no output embedding, or a head this module cannot read.
@@ -216,17 +217,18 @@ def _head_module(model: nn.Module) -> nn.Module:
 
 
 def _tensor_parallel_head(model: nn.Module, weight: Tensor) -> bool:
-    """A vocabulary-parallel head (tensor parallelism, e.g. ``ColwiseParallel`` on lm_head):
-    weight a DTensor ``Shard(0)`` on a 1-D mesh in a model without FSDP. Kept sharded:
-    ``linear_logprobs`` takes it as is (vocabulary-parallel). Under FSDP2 the same layout is
-    FSDP's own sharding of the parameter and is gathered as before."""
+    """A vocabulary-parallel head (tensor parallelism: transformers' ``tp_plan`` styles
+    ``colwise_gather_output`` / ``colwise_rep`` / ``colwise``, or torch's ``ColwiseParallel``):
+    weight a DTensor ``Shard(0)`` on a 1-D (TP) mesh. Kept sharded: ``linear_logprobs`` takes it
+    as is (vocabulary-parallel over the mesh's group).
+
+    The same placement is also FSDP2's own sharding of a parameter across the data-parallel
+    mesh (each rank then holds its own batch): that one is gathered (or run inside its FSDP
+    group), never taken for a vocabulary shard. Under FSDP2 x TP (a 2-D mesh) the parameter
+    FSDP unshards for the forward is the TP shard, which is vocabulary-parallel again."""
     from ..ops.vocab_parallel import is_vocab_sharded
 
-    if not is_vocab_sharded(weight):
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return not any(isinstance(m, FSDPModule) for m in model.modules())
+    return is_vocab_sharded(weight) and not is_fsdp_sharded(model, weight)
 
 
 def _full_tensor(t: Tensor | None) -> Tensor | None:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
-from .head_call import call_through, gathered_fsdp_param
+from .head_call import call_through, gathered_fsdp_param, gathered_tp_shard
 
 __all__ = ["ApoLogProbFunction", "disable", "enable", "enabled", "is_enabled"]
 
@@ -79,6 +79,13 @@ class ApoLogProbFunction:
             return call_through(owner, lambda h, t: _logprobs(
                 h, getattr(holder, name), None if bias is None else getattr(holder, "bias", None), t, *args),
                 hidden, targets)
+        shard = gathered_tp_shard(weight)
+        bias_shard = gathered_tp_shard(bias)
+        if shard is not None and (bias is None or bias_shard is not None):
+            # TRL gathered a tensor-parallel head (transformers' tp_plan: Shard(0) rows) with
+            # full_tensor(): run vocabulary-parallel on the shard instead (V/P rows and
+            # gradient per rank; the gather's copy gets no gradient).
+            return _logprobs(hidden, shard, bias_shard, targets, *args)
         return _logprobs(hidden, weight, bias, targets, *args)
 
 

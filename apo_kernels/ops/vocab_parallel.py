@@ -220,9 +220,14 @@ def _check_agreement(table: Tensor, rank: int, sizes: tuple[int, ...]) -> None:
     if differs(_GRAD):
         raise ValueError("`hidden` requires grad on some ranks of vocab_parallel_group and not "
                          "on others: the backward all-reduces dH, every rank must take part")
-    if differs(_LABELS):
+    # The label checksum is int64 bits carried in a float64 slot: compare the bits. (As floats,
+    # every negative checksum, e.g. any batch with ignore_index -100, is a NaN, and NaNs would
+    # have to be treated as equal: differing labels would pass unseen.)
+    label_sums = table[:, _LABELS].contiguous().view(torch.int64)
+    bad_labels = [r for r in range(table.shape[0]) if label_sums[r] != label_sums[0]]
+    if bad_labels:
         raise ValueError(
-            f"`labels` differ across vocab_parallel_group (rank(s) {differs(_LABELS)} vs rank 0): "
+            f"`labels` differ across vocab_parallel_group (rank(s) {bad_labels} vs rank 0): "
             "labels are global token ids replicated in the group")
     h = table[:, _HSUM:_HSQ + 1]
     scale = h[0, 1].abs() + 1e-30  # sum |h| bounds |sum h|; sum h^2 against itself

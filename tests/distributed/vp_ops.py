@@ -262,6 +262,13 @@ def group_errors() -> None:
     other[0] = (other[0] + rank) % 30
     expect_error("non-replicated labels", lambda: linear_logprobs(
         hidden, shard, other, vocab_parallel_group=grp), "labels", "differ")
+    # Ignored positions (-100) make the int64 label checksum negative: it must still be compared
+    # exactly (carried in a float64 slot, a negative checksum is a NaN bit pattern).
+    ignored = labels.clone()
+    ignored[-3:] = -100
+    ignored[0] = (ignored[0] + rank) % 30
+    expect_error("non-replicated labels with ignored positions", lambda: linear_logprobs(
+        hidden, shard, ignored, vocab_parallel_group=grp), "labels", "differ")
     bad = labels.clone()
     bad[3] = 30  # = V: out of the global range (in range of no shard)
     expect_error("label out of the global range", lambda: linear_logprobs(
