@@ -18,18 +18,12 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("needs torch.distributed with the gloo backend", allow_module_level=True)
 
 from distributed.fsdp_head import CASES, CASES_4
-from distributed.launch import run_torchrun
+from distributed.launch import expect_case_ok, run_cases
 
 
 def _launch(cases: tuple[str, ...], nproc: int, results: Path) -> str:
-    """Verdict lines for ``cases`` (from the workers' results file) and the output's tail."""
-    try:
-        output = run_torchrun("fsdp_head.py", *cases, nproc=nproc, timeout=600,
-                              env={"APO_FSDP_RESULTS": str(results)})
-    except AssertionError as err:  # some case failed: its test below reports which
-        output = str(err)
-    verdicts = results.read_text() if results.exists() else ""
-    return f"{verdicts}\n--- worker output (tail) ---\n{output[-3000:]}"
+    return run_cases("fsdp_head.py", cases, nproc=nproc, results=results, results_env="APO_FSDP_RESULTS",
+                     timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +47,4 @@ def test_fsdp2_on_4_ranks_matches_one_process(output_4: str, case: str) -> None:
 
 
 def _expect_ok(report: str, case: str) -> None:
-    lines = report.splitlines()
-    verdict = [i for i, line in enumerate(lines) if line.startswith(f"CASE {case} ")]
-    if not verdict or not lines[verdict[0]].startswith(f"CASE {case} ok"):
-        detail = lines[verdict[0]: verdict[0] + 9] if verdict else ["no verdict"]
-        pytest.fail(f"FSDP2 case {case}:\n" + "\n".join(detail) + "\n" + report[-3000:])
+    expect_case_ok(report, case, "FSDP2")

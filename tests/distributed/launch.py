@@ -38,3 +38,28 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300.0
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-6000:]}"
     return output
+
+
+def run_cases(script: str, cases: tuple[str, ...], *, nproc: int, results: Path, results_env: str,
+              timeout: float = 600.0) -> str:
+    """One launch of a worker that writes a ``CASE <name> ok|FAIL ...`` line per case to the file
+    named by the environment variable ``results_env``; returns those verdicts and the output's
+    tail, also when the launch fails (each case's test then reports its own verdict)."""
+    try:
+        output = run_torchrun(script, *cases, nproc=nproc, timeout=timeout,
+                              env={results_env: str(results)})
+    except AssertionError as err:
+        output = str(err)
+    verdicts = results.read_text() if results.exists() else ""
+    return f"{verdicts}\n--- worker output (tail) ---\n{output[-3000:]}"
+
+
+def expect_case_ok(report: str, case: str, what: str) -> None:
+    """Fail the calling test unless ``report`` (from :func:`run_cases`) says ``case`` passed."""
+    import pytest
+
+    lines = report.splitlines()
+    verdict = [i for i, line in enumerate(lines) if line.startswith(f"CASE {case} ")]
+    if not verdict or not lines[verdict[0]].startswith(f"CASE {case} ok"):
+        detail = lines[verdict[0]: verdict[0] + 9] if verdict else ["no verdict"]
+        pytest.fail(f"{what} case {case}:\n" + "\n".join(detail) + "\n" + report[-3000:])
