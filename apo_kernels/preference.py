@@ -38,7 +38,11 @@ from .losses import _normalise_loss_types, _validate_params, preference_loss, pr
 from .ops import LinearLogprobsOutput, linear_logprobs
 from .ops.backend import resolve_backend
 from .ops.checks import (
-    check_label_values, check_linear_inputs, check_options, check_same_dtype, check_transform,
+    check_label_values,
+    check_linear_inputs,
+    check_options,
+    check_same_dtype,
+    check_transform,
 )
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .ops.preference_single_pass import SinglePassPlan, single_pass_sequence_logps
@@ -52,7 +56,7 @@ from .sequence import (
     wpo_pair_weights,
 )
 
-__all__ = ["PreferenceLossOutput", "FusedLinearPreferenceLoss", "fused_linear_preference_loss"]
+__all__ = ["FusedLinearPreferenceLoss", "PreferenceLossOutput", "fused_linear_preference_loss"]
 
 
 @dataclass

@@ -7,7 +7,7 @@ the data-dependent compaction of ignored tokens; autograd is registered on the f
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, overload, Literal
+from typing import Literal, NamedTuple, Optional, overload
 
 import torch
 from torch import Tensor

@@ -232,9 +232,9 @@ def _check_agreement(table: Tensor, rank: int, sizes: tuple[int, ...]) -> None:
     h = table[:, _HSUM:_HSQ + 1]
     scale = h[0, 1].abs() + 1e-30  # sum |h| bounds |sum h|; sum h^2 against itself
     bad = [r for r in range(h.shape[0])
-           if not (bool(((h[r, 0] - h[0, 0]).abs() <= _REPLICATION_RTOL * scale))
-                   and bool(((h[r, 1] - h[0, 1]).abs() <= _REPLICATION_RTOL * scale))
-                   and bool(((h[r, 2] - h[0, 2]).abs() <= _REPLICATION_RTOL * (h[0, 2].abs() + 1e-30))))
+           if not (bool((h[r, 0] - h[0, 0]).abs() <= _REPLICATION_RTOL * scale)
+                   and bool((h[r, 1] - h[0, 1]).abs() <= _REPLICATION_RTOL * scale)
+                   and bool((h[r, 2] - h[0, 2]).abs() <= _REPLICATION_RTOL * (h[0, 2].abs() + 1e-30)))
            and not bool(torch.isnan(h[r]).any() and torch.isnan(h[0]).any())]
     if bad:
         raise ValueError(

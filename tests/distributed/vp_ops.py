@@ -335,9 +335,10 @@ def group_sgd() -> None:
 def group_preference() -> None:
     """fused_linear_preference_loss on a vocabulary shard (group argument, then a DTensor head
     through the module form) vs one process: loss, metrics, gradients."""
-    from apo_kernels import FusedLinearPreferenceLoss, fused_linear_preference_loss
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    from apo_kernels import FusedLinearPreferenceLoss, fused_linear_preference_loss
 
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(51)
