@@ -60,3 +60,16 @@ def test_triton_label_residual_ignores_labels_outside_the_shard(poison_empty, mo
         needs_hidden=True, needs_weight=True, needs_bias=False, **opts)
     torch.testing.assert_close(dh, dh_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(dw.float(), dw_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_label_runs_give_no_run_to_labels_outside_the_shard():
+    """Out-of-shard labels (V, or any value outside [0, V)) sort last and start no run; in-shard
+    labels form their runs as before (the first token of a run owns dW[y] and sums the run)."""
+    from apo_kernels.kernels.linear_logprobs_bwd import _label_runs
+
+    labels = torch.tensor([3, 7, 7, 3, 7, 7, 1, -1, 7])  # V = 7: 7 and -1 are outside
+    order, end = _label_runs(labels, 7)
+    assert order.tolist()[:3] == [6, 0, 3]  # label 1, then the run of 3s, in stable order
+    assert end.tolist()[:3] == [1, 3, 2]  # run starts own [i, end); the 2nd 3 owns nothing
+    assert sorted(order.tolist()[3:]) == [1, 2, 4, 5, 7, 8]  # outside: last ...
+    assert end.tolist()[3:] == list(range(3, 9))  # ... and each its own position: no run

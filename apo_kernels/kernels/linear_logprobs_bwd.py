@@ -329,15 +329,21 @@ def _label_residual_kernel(
                 tl.store(ptrs, tl.load(ptrs, mask=d_valid, other=0.0) + acc, mask=d_valid)
 
 
-def _label_runs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _label_runs(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens in stable label order, and for each position the end of its run of equal labels
-    if it starts the run (else its own position). Deterministic, no host sync."""
-    sorted_labels, order = torch.sort(labels, stable=True)
-    end = torch.searchsorted(sorted_labels, sorted_labels, right=True)
-    first = torch.ones_like(sorted_labels, dtype=torch.bool)
-    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    if it starts the run (else its own position). Deterministic, no host sync.
+
+    Labels outside ``[0, vocab)`` (a vocabulary shard's tokens whose label another shard holds;
+    their residual is 0) sort last and start no run: otherwise they would all share one label
+    after clamping and one program would walk that whole run serially to add zeros."""
+    inside = (labels >= 0) & (labels < vocab)
+    keys = torch.where(inside, labels, torch.full_like(labels, vocab))
+    sorted_keys, order = torch.sort(keys, stable=True)
+    end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
     positions = torch.arange(labels.numel(), device=labels.device)
-    return order, torch.where(first, end, positions)
+    return order, torch.where(first & (sorted_keys < vocab), end, positions)
 
 
 def _block_lists(flags: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,7 +510,7 @@ def _launch_backward(
         # has no label entry here, so its residual is 0 (never written): clamped into range,
         # the kernel adds exactly 0 to a real row instead of touching memory past W and dW.
         res_labels = labels_c.clamp(0, V - 1)
-        order, end = _label_runs(res_labels)
+        order, end = _label_runs(labels_c, V)
         _label_residual_kernel[(num_rows,)](
             h_c, weight, order, end, res_labels, res,
             dh_c if grad_hidden is not None else dummy,
