@@ -114,3 +114,12 @@ def test_a_rule_can_refuse_a_layout(monkeypatch) -> None:
         model(input_ids=ids, labels=ids)
     with pytest.raises(ValueError):  # a ValueError, for callers that catch bad-input errors
         model(input_ids=ids, labels=ids)
+
+
+def test_backbone_as_outermost_fsdp_module_runs_through_its_own_hooks():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with the gloo backend")
+    from tests.distributed.launch import run_torchrun
+
+    assert "backbone-root ok" in run_torchrun("fsdp_backbone_root.py", nproc=1, timeout=180)

@@ -362,8 +362,8 @@ def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
 
 def fsdp_root(model: nn.Module, contains: nn.Module) -> nn.Module | None:
     """The outermost FSDP2 module of ``model`` (itself or its first ``fully_shard`` module in
-    pre-order), when it holds ``contains`` (e.g. the backbone) and is not running its forward
-    now; else None.
+    pre-order), when it strictly contains ``contains`` (e.g. the backbone) and is not running
+    its forward now; else None (``contains`` itself the outermost: calling it runs its hooks).
 
     Code that calls a model's backbone and head separately (not ``model(...)``) must run inside
     this module's forward (:func:`call_through`): only its pre-forward unshards the parameters
@@ -371,7 +371,8 @@ def fsdp_root(model: nn.Module, contains: nn.Module) -> nn.Module | None:
     """
     for module, state in _fsdp_states(model):
         training_state = getattr(getattr(state, "_training_state", None), "name", "IDLE")
-        if training_state == "FORWARD" or not any(m is contains for m in module.modules()):
+        if (training_state == "FORWARD" or module is contains
+                or not any(m is contains for m in module.modules())):
             return None
         return module
     return None
