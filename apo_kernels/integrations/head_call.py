@@ -22,6 +22,7 @@ wrapper is one function appended to that list (DeepSpeed ZeRO-3 is one: "the wei
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,16 +108,24 @@ def is_fsdp_sharded(model: nn.Module, weight: Tensor) -> bool:
     across the data-parallel mesh), as opposed to its unsharded form or a parameter FSDP does
     not manage. Under FSDP2 x tensor parallelism the unsharded form is itself a DTensor: the
     tensor-parallel shard, ``Shard(0)`` on the TP mesh for a vocabulary-parallel head."""
+    if not _is_dtensor(weight):  # FSDP2's sharded forms are DTensors: skip the module walk
+        return False
     found = _managing_state(model, weight)
     return found is not None and getattr(found[1], "_unsharded_param", None) is not weight
 
 
-def _is_dtensor(t: Tensor) -> bool:
+@functools.cache
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
+    except ImportError:  # torch without distributed
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: object) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:
@@ -132,6 +141,10 @@ def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module 
             the head alone (it belongs to a module whose forward is running, e.g. the root
             called through its backbone only).
     """
+    if not _is_dtensor(weight):
+        # Sharded forms (also resharded to a smaller mesh) are DTensors; a plain tensor is
+        # unsharded or unmanaged: usable as it is, without walking every module.
+        return None
     found = _managing_state(model, weight)
     if found is None:
         return None
@@ -176,9 +189,9 @@ def gathered_fsdp_param(weight: Tensor) -> tuple[nn.Module, nn.Module, str] | No
     unsharded parameter from the holder. Finds the FSDP state through torch's registry of
     composable states (private; None when it is missing).
     """
-    if not (_is_dtensor_param_source(weight)):
+    param = _gathered_leaf(weight)
+    if param is None:
         return None
-    param = _leaf_of(weight)
     try:
         from torch.distributed._composable_state import _module_state_mapping
     except ImportError:
@@ -214,17 +227,8 @@ def gathered_tp_shard(weight: Tensor | None) -> Tensor | None:
     never mistaken for it. Check :func:`gathered_fsdp_param` first: an FSDP2-sharded
     parameter has the same placement and is not a vocabulary shard.
     """
-    if weight is None or not weight.requires_grad or weight.grad_fn is None:
-        return None
-    node = weight.grad_fn
-    if type(node).__name__ == "ToCopyBackward0":
-        node = _single_input(node)
-    for name in _FULL_TENSOR_CHAIN:
-        if node is None or type(node).__name__ != name:
-            return None
-        node = _single_input(node)
-    leaf = getattr(node, "variable", None)
-    if leaf is None or tuple(leaf.shape) != tuple(weight.shape):
+    leaf = _gathered_leaf(weight)
+    if leaf is None:
         return None
     from ..ops.vocab_parallel import is_vocab_sharded
 
@@ -236,26 +240,24 @@ def _single_input(node: Any) -> Any:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _is_dtensor_param_source(weight: Tensor) -> bool:
-    return weight.requires_grad and weight.grad_fn is not None and _leaf_of(weight) is not None
-
-
-def _leaf_of(weight: Tensor, depth: int = 4) -> Tensor | None:
-    """The DTensor leaf parameter a few autograd nodes above ``weight`` along a chain of
-    single-input nodes (full_tensor: to-local, redistribute, accumulate; a dtype cast adds
-    one), or None."""
+def _gathered_leaf(weight: Tensor | None) -> Tensor | None:
+    """The DTensor parameter ``p`` when ``weight`` is exactly ``p.full_tensor()`` (optionally
+    followed by a dtype cast) with ``p``'s full shape; else None. Only the exact autograd chain
+    of a gather is accepted: a slice, transpose or scaling of the gathered weight is some other
+    computation and must never be recomputed from ``p``."""
+    if weight is None or not weight.requires_grad or weight.grad_fn is None:
+        return None
     node = weight.grad_fn
-    for _ in range(depth):
-        if node is None:
+    if type(node).__name__ == "ToCopyBackward0":
+        node = _single_input(node)
+    for name in _FULL_TENSOR_CHAIN:
+        if node is None or type(node).__name__ != name:
             return None
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            return variable if _is_dtensor(variable) else None
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        if len(inputs) != 1:
-            return None  # not a plain gather of one parameter
-        node = inputs[0]
-    return None
+        node = _single_input(node)
+    leaf = getattr(node, "variable", None)
+    if leaf is None or not _is_dtensor(leaf) or tuple(leaf.shape) != tuple(weight.shape):
+        return None
+    return leaf
 
 
 def _fsdp1_rule(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:

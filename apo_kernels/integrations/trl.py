@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
-from .head_call import call_through, gathered_fsdp_param, gathered_tp_shard
+from .head_call import UnsupportedHeadLayout, _gathered_leaf, call_through, gathered_fsdp_param, gathered_tp_shard
 
 __all__ = ["ApoLogProbFunction", "disable", "enable", "enabled", "is_enabled"]
 
@@ -76,6 +76,11 @@ class ApoLogProbFunction:
             # FSDP's reduce-scatter: recompute inside the forward of the head's FSDP group,
             # from the unsharded parameters (TRL's gathered copy then gets no gradient).
             owner, holder, name = source
+            if bias is not None and _gathered_leaf(bias) is not getattr(holder, "bias", None):
+                raise UnsupportedHeadLayout(
+                    "TRL passed a head bias that is not the full_tensor() of the FSDP2-sharded "
+                    f"head's own `bias` ({type(holder).__name__}): recomputing the head inside "
+                    "its FSDP group would drop it; pass the head's bias unchanged")
             return call_through(owner, lambda h, t: _logprobs(
                 h, getattr(holder, name), None if bias is None else getattr(holder, "bias", None), t, *args),
                 hidden, targets)

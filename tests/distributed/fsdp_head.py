@@ -477,7 +477,11 @@ def run_guard() -> list[str]:
     tp = torch.nn.Parameter(distribute_tensor(torch.randn(V, D), mesh, [Shard(0)]))
     if gathered_fsdp_param(tp.full_tensor()) is not None or gathered_fsdp_param(base.lm_head.weight * 1) is not None:
         errors.append("guard: gathered_fsdp_param() claims a non-FSDP tensor")
-    found = gathered_fsdp_param(head_alone.lm_head.weight.full_tensor())
+    gathered = head_alone.lm_head.weight.full_tensor()
+    for what, derived in (("x2", gathered * 2.0), ("slice", gathered[:-1]), ("transpose", gathered.t())):
+        if gathered_fsdp_param(derived) is not None:  # recomputing from the parameter drops it
+            errors.append(f"guard: gathered_fsdp_param() takes a {what} of the gather for the parameter")
+    found = gathered_fsdp_param(gathered)
     if found is None or found[0] is not head_alone.lm_head or found[2] != "weight":
         errors.append(f"guard: gathered_fsdp_param() did not find the FSDP head: {found}")
 
