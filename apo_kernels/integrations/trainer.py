@@ -329,7 +329,9 @@ class PreferenceTrainer(_trainer_base()):
         self.loss_fn = loss_fn if loss_fn is not None else FusedLinearPreferenceLoss()
         if ref_model is not None:
             ref_model.requires_grad_(False)
-            if self._zero3_config() is not None and not is_deepspeed_engine(ref_model):
+            if is_deepspeed_engine(ref_model):
+                pass  # DeepSpeed placed it (moving it could move offloaded ZeRO-3 partitions)
+            elif self._zero3_config() is not None:
                 # Partitioned like the policy, its hooks gathering each layer (as TRL does).
                 ref_model = initialize_reference(ref_model, self._zero3_config())
             else:

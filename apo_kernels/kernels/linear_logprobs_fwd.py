@@ -199,7 +199,9 @@ def triton_forward(
             is contiguous; D not a multiple of 16 is zero-padded: see ``fast_path``).
         weight: ``[V, D]`` same dtype (copied or padded likewise when it breaks the fast path).
         bias: ``[V]`` or None.
-        labels: ``[N]`` int64, valid (``0 <= y < V``) at every index in ``rows``.
+        labels: ``[N]`` int64 at every index in ``rows``: ``0 <= y < V``, or outside that range for
+            a vocabulary shard's token whose label another shard holds (no label term: logp,
+            is_top1 of that row are meaningless; the partition sums are right).
         rows: ``[M]`` int64, the sorted kept token indices (M >= 1).
         outputs: fp32 ``[N]`` tensors ``logp``, ``row_max`` (m), ``log_norm`` (log s1) and,
             when asked, ``entropy``,
