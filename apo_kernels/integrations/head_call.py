@@ -22,7 +22,6 @@ wrapper is one function appended to that list (DeepSpeed ZeRO-3 is one: "the wei
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,18 +113,14 @@ def is_fsdp_sharded(model: nn.Module, weight: Tensor) -> bool:
     return found is not None and getattr(found[1], "_unsharded_param", None) is not weight
 
 
-@functools.cache
-def _dtensor_class() -> type | None:
+def _is_dtensor(t: object) -> bool:
+    # A per-call import (a dict lookup once loaded), not a cached function: torch.compile warns
+    # on functools.cache wrappers in traced code.
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: object) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
+        return False
+    return isinstance(t, DTensor)
 
 
 def fsdp2_owner(model: nn.Module, head: nn.Module, weight: Tensor) -> nn.Module | None:

@@ -36,7 +36,6 @@ parallel layer).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,7 +58,6 @@ _REPLICATION_RTOL = 1e-6
 # ---------------------------------------------------------------------------------------------
 # DTensor inputs.
 
-@functools.cache
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
