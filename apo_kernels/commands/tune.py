@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .check import _shape  # the NxDxV parser `check` and `bench` use
+
 DEFAULT_SHAPES = ["4096x896x151936", "8192x896x151936", "4096x2048x128256", "4096x4096x128256"]
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        n, d, v = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like NxDxV (e.g. 4096x896x151936), got {text!r}")
-    if min(n, d, v) < 1:
-        raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
-    return n, d, v
 
 
 def register(subparsers) -> None:

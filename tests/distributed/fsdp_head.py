@@ -71,6 +71,7 @@ from apo_kernels import FusedLinearPreferenceLoss
 from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head, gathered_fsdp_param
 from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
 from apo_kernels.integrations.transformers import output_head, patch_model
+from tests.distributed.common import causal_batch, one_process_reference
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
 WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "root")
@@ -103,16 +104,7 @@ def build(tied: bool, bias: bool = False) -> LlamaForCausalLM:
 
 
 def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global batch ``step``: ids, labels (prompt and padding ignored), attention mask."""
-    g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :2] = -100
-    attention = torch.ones_like(ids)
-    attention[1, -3:] = 0  # right padding on one row of rank 0's half
-    labels[1, -3:] = -100
-    labels[2, :4] = -100
-    return ids, labels, attention
+    return causal_batch(step, V, B, T)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -122,28 +114,8 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
-def reference(model: LlamaForCausalLM, variant: str = "", steps: int = 2) -> dict:
-    """One process, whole batch, the model's own logits (log-softmax in float64)."""
-    opt = optimizer(model)
-    first: dict = {}
-    for step in range(steps):
-        ids, labels, attention = batches(step)
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        logp_all = torch.log_softmax(logits.double(), -1)
-        targets = labels[:, 1:]
-        mask = targets != -100
-        logp = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-        loss = -(logp.sum() / mask.sum())
-        opt.zero_grad()
-        loss.float().backward()
-        if step == 0:
-            first = {"logprobs": logp.float().detach(), "entropy": entropy.float().detach(),
-                     "loss": loss.float().detach(), "mask": mask,
-                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
-        opt.step()
-    first["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return first
+def reference(model: LlamaForCausalLM) -> dict:
+    return one_process_reference(model, batches, optimizer(model))
 
 
 def wrap(model: LlamaForCausalLM, wrapping: str, variant: str = "") -> None:
@@ -203,7 +175,7 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     backend = "triton" if variant == "triton" else "torch"
     tied = tie == "tied"
     base = build(tied, bias=variant == "bias")
-    ref = reference(copy.deepcopy(base), variant)
+    ref = reference(copy.deepcopy(base))
 
     model = copy.deepcopy(base)
     if variant == "trl":  # TRL's own fused head, routed to our op by apo_trl.enable()

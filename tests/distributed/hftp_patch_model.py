@@ -70,6 +70,8 @@ from apo_kernels.integrations.transformers import patch_model, verify_patch
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
+from tests.distributed.common import causal_batch, one_process_reference
+
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
 CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
          "pref-untied", "pref-tied-refmodel", "auto-untied-trl", "size-tied-trl", "tp_guard")
@@ -104,16 +106,7 @@ def load(folder: str, **kw) -> LlamaForCausalLM:
 
 
 def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global batch ``step``: ids, labels (prompt and padding ignored), attention mask."""
-    g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :2] = -100
-    attention = torch.ones_like(ids)
-    attention[1, -3:] = 0  # right padding
-    labels[1, -3:] = -100
-    labels[2, :4] = -100
-    return ids, labels, attention
+    return causal_batch(step, V, B, T)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -123,27 +116,9 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def reference(model: LlamaForCausalLM, momentum: float = MOMENTUM) -> dict:
-    """One process, whole batch, the unpatched model's own logits (log-softmax in float64)."""
+    """One process, whole batch, the unpatched model's own logits."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
-    first: dict = {}
-    for step in range(2):
-        ids, labels, attention = batches(step)
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        logp_all = torch.log_softmax(logits.double(), -1)
-        targets = labels[:, 1:]
-        mask = targets != -100
-        logp = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-        loss = -(logp.sum() / mask.sum())
-        opt.zero_grad()
-        loss.float().backward()
-        if step == 0:
-            first = {"logprobs": logp.float().detach(), "entropy": entropy.float().detach(),
-                     "loss": loss.float().detach(), "mask": mask,
-                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
-        opt.step()
-    first["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return first
+    return one_process_reference(model, batches, opt)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,23 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
         raise AssertionError(f"{name}: max |ZeRO-3 - one process| = {diff:.3g} (scale {want.abs().max().item():.3g})")
 
 
+def check_full_grads(engine, ref_params: dict, label: str) -> None:
+    """Every parameter's full gradient (gathered across the ZeRO-3 partitions) against one
+    process's. A collective: every rank walks the parameters in the same order."""
+    for name, param in engine.module.named_parameters():
+        grad = safe_get_full_grad(param)
+        want = ref_params[name].grad
+        assert grad is not None and want is not None, f"{label} {name}: no gradient"
+        check(f"{label} grad {name}", grad.view(want.shape), want)
+
+
+def check_weights(engine, ref_params: dict, label: str) -> None:
+    """Every parameter, gathered, against one process's after the same optimizer steps."""
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            check(f"{label} weight {name} after 2 steps", param.data.clone(), ref_params[name].data)
+
+
 def run(tied: bool, rank: int, world: int) -> None:
     tag = "tied" if tied else "untied"
     tok = build_tiny_tokenizer([TEXT])
@@ -150,17 +167,11 @@ def run(tied: bool, rank: int, world: int) -> None:
         check(f"{tag} step {step} entropy", out.entropy, ref_out[rank].entropy)
         check(f"{tag} step {step} loss", out.loss, ref_out[rank].loss)
         engine.backward(out.loss)
-        for name, param in engine.module.named_parameters():  # collective: same order on all ranks
-            grad = safe_get_full_grad(param)
-            want = ref_params[name].grad
-            assert grad is not None and want is not None, f"{tag} step {step} {name}: no gradient"
-            check(f"{tag} step {step} grad {name}", grad.view(want.shape), want)
+        check_full_grads(engine, ref_params, f"{tag} step {step}")
         engine.step()
         ref_opt.step()
 
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            check(f"{tag} weight {name} after 2 steps", param.data.clone(), ref_params[name].data)
+    check_weights(engine, ref_params, tag)
     head_grad_seen = ref.get_output_embeddings().weight.grad.abs().sum().item()
     assert head_grad_seen > 0, f"{tag}: the head got no gradient (the test would prove nothing)"
     engine.destroy()
@@ -364,16 +375,10 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
             for key, value in want.metrics.items():
                 check(f"{name} metric {key}", out.metrics[key], value)
             engine.backward(out.loss)
-            for pname, param in engine.module.named_parameters():  # collective: same order everywhere
-                grad = safe_get_full_grad(param)
-                ref_grad = params[pname].grad
-                assert grad is not None and ref_grad is not None, f"{name} {pname}: no gradient"
-                check(f"{name} grad {pname}", grad.view(ref_grad.shape), ref_grad)
+            check_full_grads(engine, params, name)
             engine.step()
             opt.step()
-        for pname, param in engine.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
-                check(f"{tag} {mode} weight {pname} after 2 steps", param.data.clone(), params[pname].data)
+        check_weights(engine, params, f"{tag} {mode}")
         head_grad = single.get_output_embeddings().weight.grad.abs().sum().item()
         assert head_grad > 0, f"{tag} {mode}: the head got no gradient (the test would prove nothing)"
         engine.destroy()
