@@ -12,7 +12,6 @@ from typing import Literal, NamedTuple, Optional, overload
 import torch
 from torch import Tensor
 
-from .. import reference
 from .backend import resolve_backend
 from .checks import (
     check_label_values,
@@ -21,7 +20,13 @@ from .checks import (
     check_same_dtype,
     check_transform,
 )
-from .logprobs_passes import backward_pass, forward_pass, tile_max_buffer
+from .logprobs_passes import (
+    autocast_operands,
+    backward_pass,
+    filter_plan,
+    forward_pass,
+    tile_max_buffer,
+)
 from .vocab_parallel import resolve_dtensor_inputs, vocab_parallel_logprobs
 
 
@@ -257,32 +262,22 @@ def linear_logprobs(
             deterministic=deterministic, backend=backend)
         return LinearLogprobsOutput(*parts) if return_entropy or return_stats else parts[0]
     check_linear_inputs(hidden, weight, labels, bias)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Like a matmul under autocast: both operands in the autocast dtype; the casts are
-        # differentiable, so fp32 master weights get fp32 gradients.
-        cast_to = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+    hidden, weight = autocast_operands(hidden, weight)
     check_same_dtype(hidden, weight)
     check_transform(logit_scale, softcap, temperature)
     check_options(ignore_index, filter_eps, backend)
     resolved = resolve_backend(backend, hidden.device, shape=(
         hidden.dtype, hidden.shape[-1], weight.shape[0], labels.numel()))
-    eps = reference.default_filter_eps(hidden.dtype) if filter_eps == "auto" else filter_eps
+    eps, record_tile_max = filter_plan(resolved, hidden.dtype, filter_eps, (hidden, weight, bias))
 
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()  # kernels and gathers index with int64
-    # The per-tile max (1/BLOCK_V of the logits' size) is only worth recording for a filtered
-    # Triton backward that will actually run.
-    record_tile_max = (resolved == "triton" and eps is not None
-                       and torch.is_grad_enabled()
-                       and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
     logp, _norm, entropy, mean_logit, is_top1, log_sum_p2, _tmax = torch.ops.apo_kernels.linear_logprobs_fwd(
         flat_hidden, weight, flat_labels, bias, int(ignore_index), float(logit_scale),
         None if softcap is None else float(softcap), float(temperature),
         bool(return_entropy), bool(return_stats), resolved,
-        None if eps is None else float(eps), bool(deterministic), record_tile_max)
+        eps, bool(deterministic), record_tile_max)
     logp = logp.view(shape)
     if not (return_entropy or return_stats):
         return logp

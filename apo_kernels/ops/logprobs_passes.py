@@ -17,9 +17,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import chunked
+from .. import chunked, reference
 
 _EMPTY = (0,)
+
+
+def autocast_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Like a matmul under ``torch.autocast``: both operands in the autocast dtype (the casts
+    are differentiable, so fp32 master weights get fp32 gradients); unchanged otherwise."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        cast_to = torch.get_autocast_dtype(device_type)
+        return hidden.to(cast_to), weight.to(cast_to)
+    return hidden, weight
+
+
+def filter_plan(backend: str, dtype: torch.dtype, filter_eps: float | str | None,
+                params: tuple[Optional[Tensor], ...]) -> tuple[Optional[float], bool]:
+    """The backward's filter threshold (``"auto"``: by input dtype) and whether the forward
+    records per-tile max logits for its pre-skip: only for a filtered Triton backward that will
+    actually run (a gradient is enabled and wanted by one of ``params``)."""
+    eps = reference.default_filter_eps(dtype) if filter_eps == "auto" else filter_eps
+    record = (backend == "triton" and eps is not None and torch.is_grad_enabled()
+              and any(t is not None and t.requires_grad for t in params))
+    return (None if eps is None else float(eps)), record
 
 
 def tile_max_buffer(hidden: Tensor, n: int, vocab: int, record: bool) -> Tensor:

@@ -43,10 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import reference
 from .backend import resolve_backend
 from .checks import check_label_values, check_linear_inputs, check_same_dtype
-from .logprobs_passes import backward_pass, forward_pass
+from .logprobs_passes import autocast_operands, backward_pass, filter_plan, forward_pass
 
 __all__ = ["is_vocab_sharded", "resolve_dtensor_inputs", "vocab_parallel_logprobs"]
 
@@ -379,10 +378,7 @@ def vocab_parallel_logprobs(
     try:
         # Local problems are shared through the first collective: every rank raises together.
         check_linear_inputs(hidden, weight, labels, bias)  # an empty shard (V_r = 0) too
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            cast_to = torch.get_autocast_dtype(device_type)
-            hidden, weight = hidden.to(cast_to), weight.to(cast_to)
+        hidden, weight = autocast_operands(hidden, weight)
         check_same_dtype(hidden, weight)
     except (TypeError, ValueError) as exc:
         error = exc
@@ -404,17 +400,15 @@ def vocab_parallel_logprobs(
     check_label_values(flat_labels, rows, shards.vocab)  # labels agree: every rank raises alike
     resolved = resolve_backend(backend, hidden.device, shape=(
         flat_hidden.dtype, flat_hidden.shape[-1], weight.shape[0], flat_labels.numel()))
-    eps = reference.default_filter_eps(hidden.dtype) if filter_eps == "auto" else filter_eps
+    eps, record_tile_max = filter_plan(resolved, hidden.dtype, filter_eps, (hidden, weight, bias))
     ends = torch.tensor([o + s for o, s in zip(shards.offsets, shards.sizes)], device=flat_labels.device)
     owner = torch.bucketize(flat_labels.clamp(0, shards.vocab - 1), ends, right=True)
     owned = ~ignored & (owner == shards.rank)
     local_labels = torch.where(owned, flat_labels - shards.offsets[shards.rank],
                                torch.full_like(flat_labels, weight.shape[0]))
-    record_tile_max = (resolved == "triton" and eps is not None and torch.is_grad_enabled()
-                       and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
     plan = _Plan(shards, resolved, float(logit_scale), None if softcap is None else float(softcap),
                  float(temperature), bool(return_entropy), bool(return_stats),
-                 None if eps is None else float(eps), bool(deterministic), record_tile_max)
+                 eps, bool(deterministic), record_tile_max)
     logp, entropy, mean_logit, is_top1, log_sum_p2 = _VocabParallelLogprobs.apply(
         flat_hidden, weight, bias, local_labels, rows, ignored, owner, plan)
     shape = labels.shape
