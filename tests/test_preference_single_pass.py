@@ -252,7 +252,9 @@ def test_oversized_pairs_fall_back_to_recompute(gen, spy, monkeypatch):
     before = spy["grad_chunks"]
     o_loss, o_grads = _grads(fn, h, w, bb)
     assert spy["grad_chunks"] - before <= 1 and spy["recompute"] == 1
-    torch.testing.assert_close(loss, o_loss, rtol=1e-6, atol=1e-6)
+    # Sub-chunked sums round differently in fp32; IPO's square amplifies that: over 400 seeds the
+    # relative difference reached 1.9e-6 (5% of seeds above 1e-6), so allow 1e-5.
+    torch.testing.assert_close(loss, o_loss, rtol=1e-5, atol=1e-6)
     for g, og in zip(grads, o_grads):
         torch.testing.assert_close(g, og, rtol=1e-4, atol=1e-5 * og.abs().max().item())
 
