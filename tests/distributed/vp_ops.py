@@ -172,6 +172,8 @@ OP_CASES = [
     dict(name="fp32 torch only weight grad, no entropy grad", seed=6, needs="w", entropy_grad=False),
     dict(name="fp32 torch only hidden grad all kept", seed=7, needs="h", ignored=0.0),
     dict(name="bf16 torch", seed=8, dtype=torch.bfloat16, bias=True, softcap=5.0),
+    dict(name="fp16 torch ignored labels temperature", seed=15, dtype=torch.float16, bias=True,
+         temperature=0.9, ignored=0.3),
     dict(name="fp32 torch ties across shards", seed=13, vocab=31, ties=True, softcap=20.0),
     dict(name="fp32 triton ties across shards", seed=14, vocab=31, ties=True, backend="triton"),
     dict(name="fp32 triton", seed=9, backend="triton", vocab=35, bias=True, temperature=0.8),
