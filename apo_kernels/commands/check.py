@@ -11,7 +11,7 @@ def _shape(text: str) -> tuple[int, int, int]:
     try:
         n, d, v = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like NxDxV (e.g. 37x48x509), got {text!r}")
+        raise argparse.ArgumentTypeError(f"shape must look like NxDxV (e.g. 37x48x509), got {text!r}") from None
     if min(n, d, v) < 1:
         raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
     return n, d, v

@@ -25,14 +25,14 @@ def _rate(text: str) -> tuple[str, float]:
     try:
         return name, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--rate {name}: value must be a number, got {value!r}")
+        raise argparse.ArgumentTypeError(f"--rate {name}: value must be a number, got {value!r}") from None
 
 
 def _fraction(text: str) -> float:
     try:
         f = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--skip-fraction must be a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--skip-fraction must be a number, got {text!r}") from None
     if not 0.0 <= f < 1.0:
         raise argparse.ArgumentTypeError(f"--skip-fraction must be in [0, 1), got {text!r}")
     return f

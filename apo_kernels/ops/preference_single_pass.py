@@ -226,7 +226,7 @@ class _SinglePass(torch.autograd.Function):
                     predicted(i0, i1)
                     deferred.append(pos)
 
-        del z_buf, p_buf
+        z_buf = p_buf = None  # frees both workspaces (not `del`: the closure `logits` shares the cell)
         if deferred and any_grad:
             pos = torch.cat(deferred)
             ids = plan.seq_ids[pos]
