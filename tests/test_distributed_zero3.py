@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 + patch_model under ``torchrun --nproc_per_node=2`` (gloo, DeepSpeed's CPU
 accelerator), compared with one process: log-probs, entropy, loss, every gradient, weights after
-two optimizer steps; tied and untied heads; and the HF Trainer recipe (``TrainingArguments(deepspeed=...)``,
+two optimizer steps; tied and untied heads; DeepSpeed's bf16 mode (one step, bf16 tolerance
+rule in norm form); and the HF Trainer recipe (``TrainingArguments(deepspeed=...)``,
 a model partitioned while ``from_pretrained`` loads it) for three steps
 (worker: tests/distributed/zero3_patch_model.py). The same launch checks the preference-loss
 paths against one process: ``precompute_ref_logps`` with a ZeRO-3 reference,
@@ -29,11 +30,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_zero3_patch_model_matches_one_process():
-    out = run_torchrun("zero3_patch_model.py", "untied", "tied", "trainer", "pref-untied", "pref-tied",
+    out = run_torchrun("zero3_patch_model.py", "untied", "tied", "bf16", "trainer", "pref-untied", "pref-tied",
                        "pref-trainer", timeout=420.0, env={"DS_ACCELERATOR": "cpu"})
     for layout in ("untied", "tied"):
         assert f"zero3 {layout}: logprobs, entropy, loss" in out, out[-3000:]
         assert f"zero3 pref {layout}: precompute_ref_logps, compute_preference_loss" in out, out[-3000:]
+    assert "zero3 bf16: logprobs, entropy, loss" in out, out[-3000:]
     assert "zero3 trainer: from_pretrained under ZeRO-3" in out, out[-3000:]
     assert "zero3 pref trainer: PreferenceTrainer, ZeRO-3 policy and reference" in out, out[-3000:]
 

@@ -6,13 +6,13 @@ ground truth (the same patched model, no DeepSpeed) sees every rank's micro-batc
 the per-rank losses, as ZeRO's data-parallel gradient averaging does. Then ZeRO-3 trains two
 steps (different data each step) and each step compares log-probs, entropy and loss (this
 rank's rows), every parameter's full gradient (``safe_get_full_grad``), and at the end every
-full weight. ``pref-untied`` / ``pref-tied`` do the same for the preference-loss paths
+full weight. ``bf16`` checks one step of DeepSpeed's bf16 mode. ``pref-untied`` / ``pref-tied`` do the same for the preference-loss paths
 (``precompute_ref_logps`` and ``compute_preference_loss`` with a ZeRO-3 reference model or with
 precomputed reference log-probs), ``pref-trainer`` runs ``PreferenceTrainer``, ``trainer`` the HF
 Trainer and ``dpo`` TRL's DPOTrainer. Exits non-zero (AssertionError) on any mismatch.
 
 Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_patch_model.py
-       [untied|tied|trainer|dpo|pref-untied|pref-tied|pref-trainer ...]
+       [untied|tied|bf16|trainer|dpo|pref-untied|pref-tied|pref-trainer ...]
 """
 
 from __future__ import annotations
@@ -177,6 +177,50 @@ def run(tied: bool, rank: int, world: int) -> None:
     engine.destroy()
     if rank == 0:
         print(f"zero3 {tag}: logprobs, entropy, loss, {len(names)} gradients x2 steps, weights OK",
+              flush=True)
+
+
+def run_bf16(rank: int, world: int) -> None:
+    """ZeRO-3 with DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights),
+    untied head, one step. bf16 rounding differs with the reduction order, so the check is the
+    tolerance rule in norm form: for each quantity q (this rank's log-probs, entropy, loss, every
+    full gradient), ||q_zero3 - q_fp32|| <= 2 ||q_bf16 - q_fp32|| + 1e-3 ||q_fp32||, where q_bf16
+    is one process in bf16 on the same weights and q_fp32 the same weights in fp32. A half-reduced
+    or stale head gradient is off by ~||q|| and fails."""
+    tok = build_tiny_tokenizer([TEXT])
+    base = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, seed=13).to(torch.bfloat16)
+    exact, same = copy.deepcopy(base).float(), copy.deepcopy(base)
+    model = copy.deepcopy(base).float()  # bf16-representable values: DeepSpeed's cast is exact
+    for m in (exact, same, model):
+        patch_model(m, backend="torch", outputs=("entropy",))
+    config = dict(ds_config(), bf16={"enabled": True})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=config)
+    head = engine.module.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and head.numel() == 0, f"bf16: head {head.dtype}, {head.numel()} elements"
+
+    ids, labels = make_batch(len(tok), world, seed=17)
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    refs = {}
+    for key, m in (("exact", exact), ("same", same)):
+        outs = [m(input_ids=ids[r * MICRO:(r + 1) * MICRO], labels=labels[r * MICRO:(r + 1) * MICRO])
+                for r in range(world)]
+        (sum(o.loss for o in outs) / world).backward()
+        refs[key] = {"logprobs": outs[rank].logprobs, "entropy": outs[rank].entropy, "loss": outs[rank].loss,
+                     **{f"grad {n}": p.grad for n, p in m.named_parameters()}}
+    out = engine(input_ids=ids[rows], labels=labels[rows])
+    engine.backward(out.loss)
+    got = {"logprobs": out.logprobs, "entropy": out.entropy, "loss": out.loss}
+    for name, param in engine.module.named_parameters():  # a collective: same order on every rank
+        got[f"grad {name}"] = safe_get_full_grad(param).view(refs["exact"][f"grad {name}"].shape)
+    for key, value in got.items():
+        exact_q, same_q = (refs[k][key].detach().double() for k in ("exact", "same"))
+        err = (value.detach().double() - exact_q).norm().item()
+        allowed = 2 * (same_q - exact_q).norm().item() + 1e-3 * exact_q.norm().item()
+        assert err <= allowed, f"bf16 {key}: ||ZeRO-3 - fp32|| = {err:.3g} > {allowed:.3g}"
+    assert refs["exact"]["grad lm_head.weight"].abs().sum() > 0, "bf16: the head got no gradient"
+    engine.destroy()
+    if rank == 0:
+        print(f"zero3 bf16: logprobs, entropy, loss, {len(got) - 3} gradients within the bf16 rule OK",
               flush=True)
 
 
@@ -458,7 +502,7 @@ def run_pref_trainer(rank: int, world: int) -> None:
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layouts = sys.argv[1:] or ["untied", "tied", "trainer", "dpo", "pref-untied", "pref-tied", "pref-trainer"]
+    layouts = sys.argv[1:] or ["untied", "tied", "bf16", "trainer", "dpo", "pref-untied", "pref-tied", "pref-trainer"]
     for layout in layouts:
         if layout == "trainer":
             run_hf_trainer(rank, world)
@@ -466,13 +510,15 @@ def main() -> None:
             run_dpo(rank, world)
         elif layout in ("untied", "tied"):
             run(layout == "tied", rank, world)
+        elif layout == "bf16":
+            run_bf16(rank, world)
         elif layout == "pref-trainer":
             run_pref_trainer(rank, world)
         elif layout in ("pref-untied", "pref-tied"):
             run_pref(layout == "pref-tied", rank, world)
         else:
             raise SystemExit(f"unknown layout {layout!r}: expected 'untied', 'tied', 'trainer', 'dpo', "
-                             "'pref-untied', 'pref-tied' or 'pref-trainer'")
+                             "'bf16', 'pref-untied', 'pref-tied' or 'pref-trainer'")
     torch.distributed.destroy_process_group()
 
 
