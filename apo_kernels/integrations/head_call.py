@@ -40,6 +40,7 @@ __all__ = [
     "gathered_tp_shard",
     "head_owner",
     "is_fsdp_sharded",
+    "not_a_view",
 ]
 
 OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
@@ -341,7 +342,7 @@ def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
     def redirected(*args: Tensor) -> tuple[Tensor, ...]:
         out = tuple(fn(*args))
         absent[:] = [i for i, t in enumerate(out) if t is None]
-        return tuple(t for t in out if t is not None)
+        return tuple(not_a_view(t) for t in out if t is not None)
 
     had_own = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
@@ -355,6 +356,17 @@ def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
             del module.forward
     it = iter(present)
     return tuple(None if i in absent else next(it) for i in range(len(present) + len(absent)))
+
+
+def not_a_view(t: Tensor) -> Tensor:
+    """``t``, or a copy of it when it is a view that requires grad.
+
+    FSDP2 registers its pre-backward hook on each grad-requiring output of a wrapped module and
+    warns for views: an in-place op on a view would drop that hook (no re-gather before
+    backward). The op's outputs are ``[B, T]`` views of ``[N]`` results; copying them costs
+    ``N`` elements each, nothing next to the head's ``N x V`` work.
+    """
+    return t.clone() if t.requires_grad and t._base is not None else t
 
 
 def fsdp_root(model: nn.Module, contains: nn.Module) -> nn.Module | None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
 from ..ops.checks import check_options, check_real
-from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner, is_fsdp_sharded
+from .head_call import UnsupportedHeadLayout, call_head, fsdp2_owner, is_fsdp_sharded, not_a_view
 from .zero3 import full_shape, is_zero3_gathered
 
 __all__ = [
@@ -429,7 +429,9 @@ def _logprobs_forward(
         )
         return (res, None, None, None, None) if isinstance(res, Tensor) else tuple(res)
 
-    res = LinearLogprobsOutput(*call_head(model, _head_module(model), head_op, hidden, targets))
+    # Not views: an FSDP2 root hooks this forward's outputs (see head_call.not_a_view).
+    res = LinearLogprobsOutput(*(None if t is None else not_a_view(t)
+                                 for t in call_head(model, _head_module(model), head_op, hidden, targets)))
     targets = targets.to(res.logprobs.device)
     mask = targets != state.ignore_index
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)

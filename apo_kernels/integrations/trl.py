@@ -37,7 +37,13 @@ import torch
 from torch import Tensor
 
 from ..ops import LinearLogprobsOutput, linear_logprobs
-from .head_call import UnsupportedHeadLayout, _gathered_leaf, call_through, gathered_fsdp_param, gathered_tp_shard
+from .head_call import (
+    UnsupportedHeadLayout,
+    _gathered_leaf,
+    call_through,
+    gathered_fsdp_param,
+    gathered_tp_shard,
+)
 
 __all__ = ["ApoLogProbFunction", "disable", "enable", "enabled", "is_enabled"]
 

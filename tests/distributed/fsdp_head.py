@@ -33,7 +33,9 @@ checked like any other if a later torch accepts them).
 
 Variants: ``triton`` (the Triton kernels under the interpreter), ``bf16`` (the head's group under
 ``MixedPrecisionPolicy(param_dtype=bfloat16)``: compared by relative norm, 2e-2), ``keep``
-(``reshard_after_forward=False``), ``hsdp`` (a 2-D ``(replicate=1, shard=2)`` mesh), ``twice``
+(``reshard_after_forward=False``), ``offload`` (``CPUOffloadPolicy(pin_memory=False)`` on every
+group; on CPU it runs the offload code paths, not host-device copies), ``hsdp`` (a 2-D
+``(replicate=1, shard=2)`` mesh), ``twice``
 (two patched forwards before one backward), ``late`` (``patch_model`` after ``fully_shard``), ``bias`` (a head bias), ``accum`` (gradient accumulation over two
 micro-batches, FSDP's gradient sync off for the first), ``twice2`` (the same with the head group's
 ``reshard_after_forward=2``, run on 4 ranks: between the forwards its weight is resharded to a
@@ -58,12 +60,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import copy
 import sys
 import traceback
+import warnings
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +81,8 @@ WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "r
 TIED_REFUSED = ("head", "head_norm", "embed", "backbone")  # torch 2.13: tied weight split across groups
 CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
          + ("head-untied-triton", "head-untied-bf16", "head_norm-untied-bf16", "head-untied-keep",
-            "head_norm-untied-keep", "head-untied-hsdp", "head-untied-twice", "head-untied-late", "head-untied-bias",
+            "head_norm-untied-keep", "head-untied-offload", "accel-tied-offload", "head-untied-hsdp",
+            "head-untied-twice", "head-untied-late", "head-untied-bias",
             "head-untied-accum", "head_norm-untied-accum", "head_embed-tied-accum",
             "head_embed-tied-twice", "root-tied-twice", "guard",
             "pref-head-untied", "pref-head_norm-untied", "pref-root-tied", "pref-head_embed-tied-refmodel",
@@ -123,6 +127,8 @@ def wrap(model: LlamaForCausalLM, wrapping: str, variant: str = "") -> None:
     kw: dict = {}
     if variant == "keep":
         kw["reshard_after_forward"] = False
+    if variant == "offload":  # pin_memory needs CUDA; on a GPU machine the default pins
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     if variant == "hsdp":
         kw["mesh"] = init_device_mesh("cpu", (1, dist.get_world_size()),
                                       mesh_dim_names=("replicate", "shard"))
@@ -478,6 +484,9 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    # FSDP2 warns when a wrapped module returns a grad-requiring view (an in-place op on it would
+    # drop FSDP's pre-backward hook): our head call and patched forward must return none.
+    warnings.filterwarnings("error", message=".*returned a view tensor.*")
     cases = sys.argv[1:] or list(CASES)
     results = os.environ.get("APO_FSDP_RESULTS") if rank == 0 else None
     failed = 0
