@@ -112,6 +112,10 @@ def test_precompute_matches_reference_model_and_trainer_learns(ds, tok, tmp_path
                                    padding_free=True), batch_size=3, progress=False)
     torch.testing.assert_close(torch.tensor([r["ref_chosen_logps"] for r in as_list]),
                                torch.tensor(with_ref["ref_chosen_logps"]), rtol=1e-4, atol=1e-4)
+    # Without a process group, split_across_ranks changes nothing (one rank scores everything).
+    split = precompute_ref_logps(ref, small, collator, batch_size=5, progress=False, split_across_ranks=True)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert split[key] == with_ref[key], key
     # Precomputed reference == reference model, loss for loss.
     batch = collator([with_ref[i] for i in range(4)])
     a = compute_preference_loss(model, batch, ref_model=None)

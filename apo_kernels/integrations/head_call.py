@@ -41,6 +41,7 @@ __all__ = [
     "head_owner",
     "is_fsdp_sharded",
     "not_a_view",
+    "tensor_parallel_params",
 ]
 
 OwnerRule = Callable[[nn.Module, nn.Module, Tensor], "nn.Module | None"]
@@ -112,6 +113,18 @@ def is_fsdp_sharded(model: nn.Module, weight: Tensor) -> bool:
         return False
     found = _managing_state(model, weight)
     return found is not None and getattr(found[1], "_unsharded_param", None) is not weight
+
+
+def tensor_parallel_params(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that tensor parallelism shards: DTensors that FSDP2 does
+    not manage, or that were DTensors already when FSDP2 took them (FSDP2 x TP)."""
+    names = []
+    for name, param in model.named_parameters():
+        if _is_dtensor(param):
+            found = _managing_state(model, param)
+            if found is None or getattr(found[1], "is_dtensor", False):
+                names.append(name)
+    return names
 
 
 def _is_dtensor(t: object) -> bool:

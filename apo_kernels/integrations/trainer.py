@@ -31,7 +31,7 @@ from ..preference import (
 )
 from ..sequence import packed_sequence_logps, padded_sequence_logps, seq_ids_from_cu_seqlens
 from .collator import PreferenceCollator
-from .head_call import call_head, call_through, fsdp_root
+from .head_call import call_head, call_through, fsdp_root, tensor_parallel_params
 from .transformers import (
     _head_module,
     backbone,
@@ -222,6 +222,7 @@ def precompute_ref_logps(
     ld_alpha: float | None = None,
     temperature: float = 1.0,
     progress: bool = True,
+    split_across_ranks: bool = False,
 ) -> Any:
     """Score every pair of ``dataset`` once with the reference, forward-only.
 
@@ -233,54 +234,49 @@ def precompute_ref_logps(
         batch_size: pairs per forward.
         reduction, ld_alpha: must match the loss's sequence reduction.
         temperature: as in the loss.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0 only when split across ranks).
+        split_across_ranks: under ``torch.distributed``, every rank of the default group calls
+            this with the same ``dataset``; batch ``i`` is scored by rank ``i % world_size``
+            and the scores are all-gathered, so each rank runs ``ceil(batches / world_size)``
+            forwards instead of all of them. A rank left without a batch in the last round
+            re-scores its first one and drops the result, which keeps the collectives of a
+            sharded reference (FSDP2, ZeRO-3) in step. For data-parallel layouts (DDP, FSDP2,
+            ZeRO-3); not for tensor parallelism, whose ranks must see the same batch. Without
+            an initialised process group (or with one rank) it changes nothing.
 
     Returns:
         the dataset with fp32 ``ref_chosen_logps`` and ``ref_rejected_logps`` columns (a new
-        ``datasets.Dataset``, or a new list of dicts).
+        ``datasets.Dataset``, or a new list of dicts), the same on every rank.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    from ..ops import linear_logprobs
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty: nothing to score")
-    # A ZeRO-3 head is partitioned between batches: only its dtype and device are read here, and
-    # it is gathered for each batch's op (_reference_head).
-    weight, bias = output_head(ref_model, gather=zero3_head_owner(_head_module(ref_model)) is None)
-    transform = head_transform(unwrap_model(ref_model).config)
-    device = weight.device
-    was_training = ref_model.training
-    ref_model.eval()
-    chosen: list[float] = []
-    rejected: list[float] = []
-    adapters_off = ref_model.disable_adapter() if _is_peft(ref_model) else contextlib.nullcontext()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    try:
-        with adapters_off:
-            for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=not progress):
-                inputs = model_inputs(batch, device)
-                hidden = _in_root(ref_model, lambda: (hidden_states(ref_model, **inputs),))[0]  # noqa: B023
-                hidden, labels, seq_ids = _shifted(batch, hidden, device)
-                with _reference_head(ref_model) as zero3_head:
-                    w, b = zero3_head if zero3_head is not None else (weight, bias)
-                    tok = linear_logprobs(hidden.to(w.dtype), w, labels, b, temperature=temperature,
-                                          logit_scale=transform.logit_scale, softcap=transform.softcap)
-                mask = labels != -100
-                if seq_ids is None:
-                    seq = padded_sequence_logps(tok, mask, reduction=reduction, ld_alpha=ld_alpha).logps
-                else:
-                    seq = packed_sequence_logps(tok[0], seq_ids=seq_ids, mask=mask[0],
-                                                num_seqs=batch["cu_seqlens"].numel() - 1,
-                                                reduction=reduction, ld_alpha=ld_alpha).logps
-                b = seq.shape[0] // 2
-                chosen += seq[:b].float().tolist()
-                rejected += seq[b:].float().tolist()
-    finally:
-        ref_model.train(was_training)
+    rank, world = _split_ranks(split_across_ranks, ref_model, len(dataset), batch_size)
+    n_batches = -(-len(dataset) // batch_size)
+    batches = [list(range(i * batch_size, min(len(dataset), (i + 1) * batch_size))) for i in range(n_batches)]
+    mine = list(range(rank, n_batches, world))
+    rounds = -(-n_batches // world)
+    # Padding rounds re-score this rank's first batch (or batch 0): every rank runs `rounds`
+    # forwards, as the gathers of a sharded reference need.
+    order = mine + [mine[0] if mine else 0] * (rounds - len(mine))
+    loader = DataLoader(dataset, batch_sampler=[batches[i] for i in order], collate_fn=collator)
+    scorer = _ReferenceScorer(ref_model, reduction=reduction, ld_alpha=ld_alpha, temperature=temperature)
+    scores: dict[int, tuple[list[float], list[float]]] = {}
+    show = progress and rank == 0
+    with scorer:
+        for index, batch in zip(order, tqdm(loader, desc="reference log-probs", unit="batch", disable=not show)):
+            result = scorer(batch)
+            scores.setdefault(index, result)  # a padding round's repeat is dropped
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, scores)
+        scores = {i: v for part in gathered for i, v in part.items()}
+    chosen = [x for i in range(n_batches) for x in scores[i][0]]
+    rejected = [x for i in range(n_batches) for x in scores[i][1]]
     if hasattr(dataset, "add_column"):
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             if name in dataset.column_names:
@@ -288,6 +284,72 @@ def precompute_ref_logps(
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
     return [{**dict(ex), "ref_chosen_logps": c, "ref_rejected_logps": r}
             for ex, c, r in zip(dataset, chosen, rejected)]
+
+
+def _split_ranks(split: bool, ref_model: nn.Module, size: int, batch_size: int) -> tuple[int, int]:
+    """``(rank, world_size)`` over which :func:`precompute_ref_logps` splits its batches:
+    ``(0, 1)`` when not splitting. Every rank checks that all were given the same dataset size
+    and batch size (else all raise: a different split on one rank would misplace scores)."""
+    dist = torch.distributed
+    if not split or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1
+    tp = tensor_parallel_params(unwrap_model(ref_model))
+    if tp:  # local to each rank, so every rank raises (no collective is left waiting)
+        raise ValueError(f"split_across_ranks=True: `ref_model` is tensor-parallel ({tp[0]}, ...), "
+                         "and tensor-parallel ranks must score the same batches; pass split_across_ranks=False")
+    mine = (size, batch_size)
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if any(other != mine for other in seen):
+        raise ValueError("split_across_ranks=True: ranks were given different (len(dataset), batch_size): "
+                         f"{seen}; every rank must pass the same dataset")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _ReferenceScorer:
+    """Sequence log-probs of one collated preference batch under the reference (forward only);
+    a context manager that puts the reference in eval mode (and disables PEFT adapters)."""
+
+    def __init__(self, ref_model: nn.Module, *, reduction: str, ld_alpha: float | None, temperature: float):
+        # A ZeRO-3 head is partitioned between batches: only its dtype and device are read here,
+        # and it is gathered for each batch's op (_reference_head).
+        self.weight, self.bias = output_head(ref_model, gather=zero3_head_owner(_head_module(ref_model)) is None)
+        self.transform = head_transform(unwrap_model(ref_model).config)
+        self.model, self.reduction, self.ld_alpha, self.temperature = ref_model, reduction, ld_alpha, temperature
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _ReferenceScorer:
+        was_training = self.model.training
+        self.model.eval()
+        self._stack.callback(self.model.train, was_training)
+        if _is_peft(self.model):
+            self._stack.enter_context(self.model.disable_adapter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[list[float], list[float]]:
+        """``(chosen, rejected)`` sequence log-probs (fp32 floats) of the batch's pairs."""
+        from ..ops import linear_logprobs
+
+        model, device = self.model, self.weight.device
+        inputs = model_inputs(batch, device)
+        hidden = _in_root(model, lambda: (hidden_states(model, **inputs),))[0]
+        hidden, labels, seq_ids = _shifted(batch, hidden, device)
+        with _reference_head(model) as zero3_head:
+            w, b = zero3_head if zero3_head is not None else (self.weight, self.bias)
+            tok = linear_logprobs(hidden.to(w.dtype), w, labels, b, temperature=self.temperature,
+                                  logit_scale=self.transform.logit_scale, softcap=self.transform.softcap)
+        mask = labels != -100
+        if seq_ids is None:
+            seq = padded_sequence_logps(tok, mask, reduction=self.reduction, ld_alpha=self.ld_alpha).logps
+        else:
+            seq = packed_sequence_logps(tok[0], seq_ids=seq_ids, mask=mask[0],
+                                        num_seqs=batch["cu_seqlens"].numel() - 1,
+                                        reduction=self.reduction, ld_alpha=self.ld_alpha).logps
+        half = seq.shape[0] // 2
+        return seq[:half].float().tolist(), seq[half:].float().tolist()
 
 
 def _trainer_base() -> type:

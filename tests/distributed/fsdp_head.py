@@ -89,7 +89,7 @@ CASES = (tuple(f"{w}-{t}" for w in WRAPPINGS for t in ("untied", "tied"))
             "pref-head-untied-refmodel", "pref-accel-tied", "pref-accel-untied",
             "accel-untied-trl", "accel-tied-trl", "root-tied-trl", "head-untied-trl",
             "head_embed-tied-trl", "fsdp1-root", "fsdp1-head", "precompute-head-untied", "precompute-root-tied"))
-CASES_4 = ("head-untied-twice2",)  # need --nproc_per_node=4
+CASES_4 = ("head-untied-twice2", "precompute-head-untied")  # need --nproc_per_node=4
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 BF16_REL = 2e-2
 
@@ -173,7 +173,7 @@ def run_case(case: str, rank: int, world: int) -> tuple[list[str], str]:
     if case.startswith("fsdp1-"):
         return run_fsdp1(case, rank, world), ""
     if case.startswith("precompute-"):
-        return run_precompute(case), ""
+        return run_precompute(case, world), ""
     if case.startswith("pref-"):
         return run_pref(case, rank, world), ""
     wrapping, tie, *rest = case.split("-")
@@ -373,8 +373,9 @@ def run_pref(case: str, rank: int, world: int) -> list[str]:
     return errors
 
 
-def run_precompute(case: str) -> list[str]:
-    """precompute_ref_logps with an FSDP2-wrapped reference gives the one-process values."""
+def run_precompute(case: str, world: int) -> list[str]:
+    """precompute_ref_logps with an FSDP2-wrapped reference gives the one-process values, also
+    with the batches split across ranks (each rank scores only its share)."""
     _, wrapping, tie = case.split("-")
     base = build(tie == "tied")
     batch = pref_batch(0)
@@ -389,12 +390,39 @@ def run_precompute(case: str) -> list[str]:
     want = precompute_ref_logps(copy.deepcopy(base), data, collate, batch_size=2, progress=False)
     ref_model = copy.deepcopy(base).requires_grad_(False)
     wrap(ref_model, wrapping)
-    got = precompute_ref_logps(ref_model, data, collate, batch_size=2, progress=False)
     errors = []
-    for w, g in zip(want, got):
-        for k in ("ref_chosen_logps", "ref_rejected_logps"):
-            if abs(w[k] - g[k]) > 1e-4 * (1 + abs(w[k])):
-                errors.append(f"{case}: pair {w['pair']} {k}: {g[k]} != {w[k]}")
+    # Not split, then split across ranks with 3, 1, 2 or 4 pairs per batch: 2, 4, 2 or 1 batches
+    # on `world` ranks (an uneven last batch, several rounds, and ranks left without a batch,
+    # which re-score one in a padding round: batch_size=4, and 3 on 4 ranks).
+    for split, batch_size in ((False, 2), (True, 3), (True, 1), (True, 2), (True, 4)):
+        calls = [0]
+
+        def counting(examples: list[dict]) -> dict:
+            calls[0] += 1
+            return collate(examples)
+
+        got = precompute_ref_logps(ref_model, data, counting, batch_size=batch_size, progress=False,
+                                   split_across_ranks=split)
+        n_batches = -(-pairs // batch_size)
+        expected_calls = -(-n_batches // world) if split else n_batches
+        if calls[0] != expected_calls:
+            errors.append(f"{case} split={split} batch_size={batch_size}: {calls[0]} batches scored on "
+                          f"this rank, expected {expected_calls}")
+        if [g["pair"] for g in got] != list(range(pairs)):
+            errors.append(f"{case} split={split}: records reordered {[g['pair'] for g in got]}")
+        for w, g in zip(want, got):
+            for k in ("ref_chosen_logps", "ref_rejected_logps"):
+                if abs(w[k] - g[k]) > 1e-4 * (1 + abs(w[k])):
+                    errors.append(f"{case} split={split} batch_size={batch_size}: pair {w['pair']} {k}: "
+                                  f"{g[k]} != {w[k]}")
+    # Ranks handed different datasets: every rank raises (no rank waits in a collective).
+    try:
+        precompute_ref_logps(ref_model, data[: pairs - dist.get_rank()], collate, batch_size=2,
+                             progress=False, split_across_ranks=True)
+        errors.append(f"{case}: different datasets on the ranks were not refused")
+    except ValueError as err:
+        if "same dataset" not in str(err):
+            errors.append(f"{case}: unclear refusal: {err}")
     return errors
 
 

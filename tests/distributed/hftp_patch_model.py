@@ -65,6 +65,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.distributed import DistributedConfig
 
 import apo_kernels.integrations.transformers as apo_tf
+from apo_kernels.integrations.head_call import tensor_parallel_params
+from apo_kernels.integrations.trainer import precompute_ref_logps
 from apo_kernels.integrations.transformers import patch_model, verify_patch
 
 if TYPE_CHECKING:
@@ -191,6 +193,10 @@ def run_case(case: str, rank: int, world: int) -> list[str]:
     model = load(folder, **tp_kwargs(kind, world))
     if tie == "tied" and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         check.fail("the tied head is not the embedding's parameter under TP")
+    head_name = "model.embed_tokens.weight" if tie == "tied" else "lm_head.weight"  # tied: listed once
+    if kind != "rowwise" and head_name not in tensor_parallel_params(model):
+        # precompute_ref_logps(split_across_ranks=True) relies on it to refuse TP references.
+        check.fail(f"tensor_parallel_params misses the TP head: {tensor_parallel_params(model)}")
     if variant == "trl":  # TRL's fused head, routed to our op by apo_trl.enable()
         from trl.trainer.utils import add_fused_lm_head
 
@@ -397,6 +403,13 @@ def run_mismatch(rank: int, world: int) -> list[str]:
     except ValueError as err:
         if "labels" not in str(err) or "vocab_parallel_group" not in str(err):
             check.fail(f"error does not say what differs: {err}")
+    # Splitting reference scoring across TP ranks would do the same: refused before any batch.
+    try:
+        precompute_ref_logps(model, [{"pair": 0}], None, split_across_ranks=True, progress=False)
+        check.fail("precompute_ref_logps(split_across_ranks=True) accepted a tensor-parallel reference")
+    except ValueError as err:
+        if "tensor-parallel" not in str(err):
+            check.fail(f"unclear refusal of a TP reference: {err}")
     return check.errors
 
 

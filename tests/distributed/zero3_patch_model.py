@@ -366,7 +366,7 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
     ref_engine = initialize_reference(copy.deepcopy(ref_base), ds_config())
     assert ref_engine.module.get_output_embeddings().weight.numel() == 0, f"{tag}: reference not partitioned"
 
-    # precompute_ref_logps with the ZeRO-3 reference (every rank scores the same records: its
+    # precompute_ref_logps with the ZeRO-3 reference (every rank gets the same records: its
     # gathers are collectives) against the same reference in one process.
     records = [{"pair": i} for i in range(world * PAIRS)]
     batches = {step: pref_batch(vocab, world, 300 + step, ref_logps=False) for step in range(2)}
@@ -381,7 +381,9 @@ def run_pref(tied: bool, rank: int, world: int) -> None:
     precomputed = {}
     for step in range(2):
         want = precompute_ref_logps(copy.deepcopy(ref_base), records, collate(step), batch_size=3, progress=False)
-        got = precompute_ref_logps(ref_engine, records, collate(step), batch_size=3, progress=False)
+        # Step 1 splits the batches across ranks (an uneven split: a padding round on one rank).
+        got = precompute_ref_logps(ref_engine, records, collate(step), batch_size=3, progress=False,
+                                   split_across_ranks=step == 1)
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             check(f"{tag} step {step} precompute_ref_logps {key}", torch.tensor([g[key] for g in got]),
                   torch.tensor([w[key] for w in want]))
