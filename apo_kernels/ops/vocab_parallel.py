@@ -358,6 +358,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return (grad_hidden, grad_weight, grad_bias) + nones
 
 
+# Not traced by torch.compile: collectives, a host sync for the agreement check and a
+# data-dependent plan; a graph break here runs it eagerly, like any TP collective layer.
+@torch.compiler.disable
 def vocab_parallel_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], group: object, *,
     ignore_index: int, temperature: float, logit_scale: float, softcap: Optional[float],

@@ -443,8 +443,39 @@ def group_patch_model() -> None:
         near(f"patch_model TP grad {name}", q.grad, p.grad, 1e-5)
 
 
+def group_compile() -> None:
+    """``torch.compile`` around the vocabulary-parallel op: the op runs eagerly behind a graph
+    break (collectives, a host sync), with the eager values and gradients and no Dynamo warning
+    from tracing into it."""
+    import warnings
+
+    sizes = split_sizes(33, dist.get_world_size(), "chunk")
+    hidden, full, _, labels, g, ge = make_case(31, 13, 16, 33, torch.float32, bias=False, peaked=False,
+                                               labels_on="spread", ignored=0.2, sizes=sizes)
+    off = sum(sizes[:dist.get_rank()])
+    weight = full[off:off + sizes[dist.get_rank()]]
+
+    def f(h, w):
+        out = linear_logprobs(h, w, labels, return_entropy=True, vocab_parallel_group=dist.group.WORLD)
+        return (out.logprobs * g).sum() + (out.entropy * ge).sum()
+
+    results = []
+    for fn in (f, torch.compile(f)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loss = fn(h, w)
+            loss.backward()
+        dynamo = [str(x.message)[:120] for x in seen if "Dynamo" in str(x.message)]
+        if dynamo:
+            fail(f"compile: Dynamo warned: {dynamo}")
+        results.append((loss.detach(), h.grad, w.grad))
+    for name, eager, compiled in zip(("loss", "dH", "dW"), *results):
+        near(f"compile {name}", compiled, eager, 1e-6 * (1 + float(eager.abs().max())))
+
+
 GROUPS = {"op": group_op, "dtensor": group_dtensor, "errors": group_errors, "sgd": group_sgd,
-          "preference": group_preference, "patch_model": group_patch_model}
+          "preference": group_preference, "patch_model": group_patch_model, "compile": group_compile}
 
 
 def main(argv: list[str]) -> int:
