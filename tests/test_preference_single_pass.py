@@ -12,6 +12,11 @@ from apo_kernels.losses import LOSS_TYPES, preference_loss
 from apo_kernels.ops import preference_single_pass as sp_mod
 from apo_kernels.preference import NON_SEPARABLE_LOSS_TYPES, fused_linear_preference_loss
 
+#: DiscoPOP's gate is sigmoid(beta * margin / tau) with tau = 0.05: the fp32 rounding of the
+#: sequence sums reaches its gradient amplified ~1/tau, and not as in the same-dtype ordinary
+#: path. Over 400 seeds its gradients needed rtol 3.75e-5 (2% of seeds above 1e-5); the other
+#: loss types stayed below 3.5e-6.
+LOSS_RTOL = {"discopop": 1e-4}
 LOSS_KW = {"exo_pair": dict(label_smoothing=1e-3), "robust": dict(label_smoothing=0.1),
            "aot": dict(label_smoothing=0.1)}
 
@@ -136,7 +141,8 @@ def test_every_loss_type_matches_recompute(gen, spy, monkeypatch, loss_type):
     kw = dict(loss_type=loss_type, **LOSS_KW.get(loss_type, {}))
     fn = lambda h_, w_, b_: _ours(h_, w_, labels, b_, ref_h, ref_w, **kw)
     loss, grads = _check_against_float64(
-        fn, lambda h_, w_, b_, dtype: _oracle(h_, w_, labels, b_, ref_h, ref_w, dtype=dtype, **kw), (h, w, bb))
+        fn, lambda h_, w_, b_, dtype: _oracle(h_, w_, labels, b_, ref_h, ref_w, dtype=dtype, **kw), (h, w, bb),
+        rtol=LOSS_RTOL.get(loss_type, 1e-5))
     if loss_type in NON_SEPARABLE_LOSS_TYPES:
         assert spy["grad_chunks"] == 0  # sorts over the batch: the recompute path
     else:
