@@ -158,6 +158,10 @@ def test_each_loss_matches_float64_formula(loss_type, scale, gen):
 def test_f_divergence_matches_float64_formula(loss_type, f_div, gen):
     alpha = float(torch.empty(()).uniform_(0.2, 0.8, generator=gen))
     (pc, pr, rc, rr), lc, lr = _random_pairs(8, 2.0, gen)
+    # The naive float64 formulas hold while |beta * score| < 700: forward_kl's score is
+    # 1 - exp(-r), so a 4-sigma draw (r = -8.3, seed 3852) made the reference's -log sigmoid
+    # inf (ours stayed finite and right). Keep |r| <= 6.
+    rc, rr = pc - (pc - rc).clamp(-6.0, 6.0), pr - (pr - rr).clamp(-6.0, 6.0)
     eps = _eps_for(loss_type)
     kw = dict(loss_type=loss_type, beta=0.3)
     ours, g_ours = _loss_and_grads(
