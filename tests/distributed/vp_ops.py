@@ -443,8 +443,55 @@ def group_patch_model() -> None:
         near(f"patch_model TP grad {name}", q.grad, p.grad, 1e-5)
 
 
+def group_fsdp_tp_head() -> None:
+    """FSDP2 x TP with torch's own APIs: ``ColwiseParallel`` on ``lm_head`` over the ``tp`` mesh,
+    then the head in its OWN ``fully_shard`` group over ``dp`` (size 1 here: 2 ranks are one TP
+    group). The patched forward runs the head through that group's forward, where
+    ColwiseParallel's input/output hooks must not run (they passed on only the hidden states:
+    a TypeError inside the op). Log-probs, loss and every gradient vs one process."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from apo_kernels.integrations.transformers import patch_model
+
+    world = dist.get_world_size()
+    torch.manual_seed(71)
+    config = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    one = LlamaForCausalLM(config)
+    par = copy.deepcopy(one)
+    patch_model(one)
+    patch_model(par)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    parallelize_module(par, mesh["tp"], {"lm_head": ColwiseParallel()})
+    fully_shard(par.lm_head, mesh=mesh["dp"])
+    fully_shard(par, mesh=mesh["dp"])
+    gen = torch.Generator().manual_seed(72)
+    ids = torch.randint(0, 67, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[1, :4] = -100
+    outs = []
+    for model in (one, par):
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        outs.append(out)
+    near("FSDP2 x TP head group logprobs", outs[1].logprobs, outs[0].logprobs, 1e-5)
+    near("FSDP2 x TP head group loss", outs[1].loss, outs[0].loss, 1e-6)
+    grads = {n: p.grad for n, p in par.named_parameters()}
+    for name, p in one.named_parameters():
+        grad = grads[name]
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        near(f"FSDP2 x TP head group grad {name}", grad, p.grad, 1e-5)
+
+
 GROUPS = {"op": group_op, "dtensor": group_dtensor, "errors": group_errors, "sgd": group_sgd,
-          "preference": group_preference, "patch_model": group_patch_model}
+          "preference": group_preference, "patch_model": group_patch_model,
+          "fsdp_tp_head": group_fsdp_tp_head}
 
 
 def main(argv: list[str]) -> int:
