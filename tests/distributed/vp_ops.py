@@ -7,7 +7,7 @@ one-process op on the whole head. A mismatch is recorded, never raised mid-case 
 would wait in a collective); the worker exits 1 at the end if any case failed.
 
 Usage: ``vp_ops.py [group ...]`` with groups ``op``, ``dtensor``, ``errors``, ``sgd``,
-``preference``, ``patch_model`` (default: all).
+``preference``, ``patch_model``, ``fsdp_tp_head`` (default: all).
 """
 
 from __future__ import annotations
