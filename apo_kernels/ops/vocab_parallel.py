@@ -44,7 +44,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backend import resolve_backend
-from .checks import check_label_values, check_linear_inputs, check_same_dtype
+from .checks import (
+    check_label_values,
+    check_linear_inputs,
+    check_options,
+    check_same_dtype,
+    check_transform,
+)
 from .logprobs_passes import autocast_operands, backward_pass, filter_plan, forward_pass
 
 __all__ = ["is_vocab_sharded", "resolve_dtensor_inputs", "vocab_parallel_logprobs"]
@@ -365,7 +371,8 @@ def vocab_parallel_logprobs(
     deterministic: bool, backend: str,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``linear_logprobs`` over a vocabulary shard (module docstring); local tensors only
-    (``resolve_dtensor_inputs`` first). Options are checked by the caller.
+    (``resolve_dtensor_inputs`` first). Options are checked here, with the tensors: an invalid
+    option on one rank makes every rank raise (none waits in the first collective).
 
     hidden ``[..., D]`` and labels ``[...]`` (global ids) replicated in ``group``; weight
     ``[V_r, D]``, bias ``[V_r]``: this rank's rows. Returns ``(logprobs, entropy, mean_logit,
@@ -375,11 +382,16 @@ def vocab_parallel_logprobs(
         raise RuntimeError("vocab_parallel_group needs torch.distributed initialised "
                            "(init_process_group) in every process of the group")
     error: Optional[BaseException] = None
+    options = (0.0, 0.0, 0.0, 0.0)
     try:
         # Local problems are shared through the first collective: every rank raises together.
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
         check_linear_inputs(hidden, weight, labels, bias)  # an empty shard (V_r = 0) too
         hidden, weight = autocast_operands(hidden, weight)
         check_same_dtype(hidden, weight)
+        options = (float(logit_scale), -1.0 if softcap is None else float(softcap),
+                   float(temperature), float(ignore_index))
     except (TypeError, ValueError) as exc:
         error = exc
     flat_hidden = flat_labels = None
@@ -392,9 +404,7 @@ def vocab_parallel_logprobs(
     device = tensors[0].device if tensors else torch.device("cpu")
     vocab_r = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
     shards = _agree(group, flat_hidden, flat_labels, vocab_r, error, device,
-                    needs_grad, int(bool(return_entropy)) + 2 * int(bool(return_stats)),
-                    (float(logit_scale), -1.0 if softcap is None else float(softcap),
-                     float(temperature), float(ignore_index)))
+                    needs_grad, int(bool(return_entropy)) + 2 * int(bool(return_stats)), options)
     ignored = flat_labels == ignore_index
     rows = (~ignored).nonzero().squeeze(1)
     check_label_values(flat_labels, rows, shards.vocab)  # labels agree: every rank raises alike

@@ -282,6 +282,11 @@ def group_errors() -> None:
     # Options that differ between ranks.
     expect_error("different options", lambda: linear_logprobs(
         hidden, shard, labels, temperature=1.0 + rank, vocab_parallel_group=grp), "options")
+    # An invalid option on ONE rank: that rank names it, the others stop too (they used to wait
+    # in the first all_gather until the process group's timeout).
+    expect_error("invalid option on one rank", lambda: linear_logprobs(
+        hidden, shard, labels, temperature=0.0 if rank == 1 else 1.0, vocab_parallel_group=grp),
+        "temperature" if rank == 1 else "rejected their inputs")
     mesh = init_device_mesh("cpu", (world,))
     expect_error("Shard(1) weight", lambda: linear_logprobs(
         hidden, distribute_tensor(weight, mesh, [Shard(1)]), labels), "Shard(dim=1)", "1-D mesh")
