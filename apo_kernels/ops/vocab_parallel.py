@@ -118,6 +118,17 @@ def resolve_dtensor_inputs(
             raise ValueError(
                 f"vocab_parallel_group (ranks {dist.get_process_group_ranks(group)}) is not the "
                 f"group of `{nw}`'s device mesh (ranks {dist.get_process_group_ranks(mesh_group)})")
+        mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+        if mesh_ranks != dist.get_process_group_ranks(mesh_group):
+            # DTensor gives the i-th block of rows to mesh coordinate i; the op orders the
+            # blocks by rank in the group, which sorts its ranks: taking one order for the
+            # other would put every label in the wrong block (silently wrong log-probs).
+            raise ValueError(
+                f"`{nw}` is a DTensor on a device mesh whose rank order {mesh_ranks} is not its "
+                f"process group's order {dist.get_process_group_ranks(mesh_group)}: the "
+                "vocabulary-parallel op takes the blocks of rows in group-rank order; use a "
+                "mesh in increasing rank order, or pass the local rows with "
+                "vocab_parallel_group= in group-rank order")
         group = mesh_group
         weight = weight.to_local()
     if isinstance(bias, dtensor):

@@ -300,6 +300,13 @@ def group_errors() -> None:
     h_sp = distribute_tensor(hidden, mesh, [Shard(0)])
     expect_error("sequence-sharded hidden DTensor", lambda: linear_logprobs(
         h_sp, distribute_tensor(weight, mesh, [Shard(0)]), labels), "hidden", "Shard(dim=0)")
+    # A mesh whose rank order is not the group's (DTensor gives block i to mesh coordinate i,
+    # the op orders blocks by group rank): was silently wrong (log-probs off by up to 5 nats).
+    from torch.distributed.device_mesh import DeviceMesh
+
+    reversed_mesh = DeviceMesh("cpu", torch.arange(world).flip(0))
+    expect_error("mesh in reversed rank order", lambda: linear_logprobs(
+        hidden, distribute_tensor(weight, reversed_mesh, [Shard(0)]), labels), "rank order")
     # After all the errors the group still works (no rank left behind in a collective).
     out = linear_logprobs(hidden, shard, labels, vocab_parallel_group=grp)
     near("after errors", out, linear_logprobs(hidden, weight, labels), 1e-5)
