@@ -307,6 +307,15 @@ def group_errors() -> None:
     reversed_mesh = DeviceMesh("cpu", torch.arange(world).flip(0))
     expect_error("mesh in reversed rank order", lambda: linear_logprobs(
         hidden, distribute_tensor(weight, reversed_mesh, [Shard(0)]), labels), "rank order")
+    # fused_linear_preference_loss with the group: a WHOLE reference head (a reference loaded
+    # separately) was taken for a block of a 2V-row vocabulary (reference log-probs off by
+    # log 2 per token, silently).
+    from apo_kernels import fused_linear_preference_loss
+
+    pairs = labels[:8].view(4, 2)
+    expect_error("whole ref_weight with vocab_parallel_group", lambda: fused_linear_preference_loss(
+        hidden[:8].view(4, 2, -1), shard, pairs, ref_hidden=hidden[:8].view(4, 2, -1),
+        ref_weight=weight, vocab_parallel_group=grp), "ref_weight", "rows")
     # After all the errors the group still works (no rank left behind in a collective).
     out = linear_logprobs(hidden, shard, labels, vocab_parallel_group=grp)
     near("after errors", out, linear_logprobs(hidden, weight, labels), 1e-5)
