@@ -307,6 +307,9 @@ def group_errors() -> None:
     reversed_mesh = DeviceMesh("cpu", torch.arange(world).flip(0))
     expect_error("mesh in reversed rank order", lambda: linear_logprobs(
         hidden, distribute_tensor(weight, reversed_mesh, [Shard(0)]), labels), "rank order")
+    # The whole head on every rank with the group: was taken for P blocks (log-probs - log P).
+    expect_error("whole head with vocab_parallel_group", lambda: linear_logprobs(
+        hidden, weight, labels, vocab_parallel_group=grp), "same `weight`")
     # fused_linear_preference_loss with the group: a WHOLE reference head (a reference loaded
     # separately) was taken for a block of a 2V-row vocabulary (reference log-probs off by
     # log 2 per token, silently).
