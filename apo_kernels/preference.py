@@ -247,6 +247,18 @@ def fused_linear_preference_loss(
         else:
             ref_hidden, ref_weight, ref_bias, ref_group = resolve_dtensor_inputs(
                 ref_hidden, ref_weight, ref_bias, vocab_parallel_group, names)
+            if (group is not None and ref_group is not None and isinstance(ref_weight, Tensor)
+                    and isinstance(weight, Tensor) and ref_weight.dim() == 2 and weight.dim() == 2
+                    and ref_weight.shape[0] != weight.shape[0]):
+                # Both heads are split over the group: each rank holds its rows of the same
+                # vocabulary. A whole reference head taken for a block would normalise over
+                # P copies of the vocabulary (reference log-probs off by log P per token).
+                raise ValueError(
+                    f"`ref_weight` has {ref_weight.shape[0]} rows on this rank but `weight` has "
+                    f"{weight.shape[0]}: with vocab_parallel_group both heads must be this rank's "
+                    "rows of the same vocabulary. For a whole reference head on every rank, pass "
+                    "the policy's head as a DTensor placed Shard(0) (no vocab_parallel_group) or "
+                    "precompute the reference log-probs")
     hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
     b = layout.num_seqs // 2
 

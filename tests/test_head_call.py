@@ -94,6 +94,45 @@ def test_call_head_carries_none_and_restores_forward_on_error(head_rule) -> None
     assert head.__dict__["forward"] is own_forward
 
 
+def test_tensor_parallel_hooks_are_hidden_for_the_redirected_call(head_rule) -> None:
+    """A ColwiseParallel head's input/output hooks (``distribute_module``'s) pass on only the
+    first input and expect one logits tensor back: under FSDP2 x TP with the head in its own
+    group they broke the routed call (TypeError inside the op). They are hidden for that one
+    call, other hooks still run, and every hook table is restored exactly, also on error.
+    (The real FSDP2 x TP layout: tests/distributed/vp_ops.py, group fsdp_tp_head.)"""
+    head = torch.nn.Linear(D, V, bias=False)
+    head.weight._test_owned = True
+
+    def tp_like_pre(module, args):  # what ColwiseParallel's input function does to the inputs
+        return args[:1]
+
+    def tp_like_post(module, args, out):
+        raise AssertionError("the tensor-parallel output hook ran")
+
+    for fn in (tp_like_pre, tp_like_post):
+        fn.__module__ = "torch.distributed.tensor._api"
+        fn.__qualname__ = f"distribute_module.<locals>.{fn.__name__}"
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(len(args)))
+    head.register_forward_pre_hook(tp_like_pre)
+    head.register_forward_hook(tp_like_post)
+    before = [list(t.items()) for t in (head._forward_pre_hooks, head._forward_hooks)]
+    h = torch.randn(4, D)
+    out = call_head(head, head, lambda w, b, x, y: (x @ w.T, y), h, h)
+    assert seen == [2]
+    torch.testing.assert_close(out[0], h @ head.weight.T)
+    assert [list(t.items()) for t in (head._forward_pre_hooks, head._forward_hooks)] == before
+
+    def boom(w, b, x, y):
+        raise RuntimeError("op failed")
+
+    with pytest.raises(RuntimeError, match="op failed"):
+        call_head(head, head, boom, h, h)
+    assert [list(t.items()) for t in (head._forward_pre_hooks, head._forward_hooks)] == before
+    with pytest.raises(AssertionError, match="output hook ran"):  # its own call: hooks back
+        head(h)
+
+
 def test_no_owner_calls_directly() -> None:
     head = torch.nn.Linear(D, V)
     assert head_owner(head, head) is None

@@ -22,7 +22,8 @@ wrapper is one function appended to that list (DeepSpeed ZeRO-3 is one: "the wei
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -361,7 +362,8 @@ def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
     previous = module.__dict__.get("forward")
     module.forward = redirected
     try:
-        present = list(module(*inputs))
+        with _without_tensor_parallel_hooks(module):
+            present = list(module(*inputs))
     finally:
         if had_own:
             module.forward = previous
@@ -380,6 +382,41 @@ def not_a_view(t: Tensor) -> Tensor:
     ``N`` elements each, nothing next to the head's ``N x V`` work.
     """
     return t.clone() if t.requires_grad and t._base is not None else t
+
+
+def _is_tensor_parallel_hook(hook: Any) -> bool:
+    """A forward (pre-)hook that ``distribute_module`` registers for a tensor-parallel style
+    (``ColwiseParallel`` & co. via ``parallelize_module``): its input/output functions."""
+    return (getattr(hook, "__module__", None) == "torch.distributed.tensor._api"
+            and getattr(hook, "__qualname__", "").startswith("distribute_module."))
+
+
+@contextlib.contextmanager
+def _without_tensor_parallel_hooks(module: nn.Module) -> Iterator[None]:
+    """Hide ``module``'s tensor-parallel input/output hooks for one redirected call.
+
+    They belong to the module's own forward (a ``ColwiseParallel`` head: make the input a
+    replicated DTensor and pass ONLY it on, redistribute the single logits output), not to our
+    op, which takes the weight's ``Shard(0)`` rows and replicated hidden states as they are
+    (exactly as when the head is not called at all: tensor parallelism without FSDP). Under
+    FSDP2 x TP with the head in its own ``fully_shard`` group, running them dropped every input
+    but the first (a TypeError inside the op). FSDP's and DeepSpeed's hooks stay.
+    """
+    tables = (module._forward_pre_hooks, module._forward_hooks)
+    saved = [dict(t) for t in tables]
+    hidden = [[k for k, h in t.items() if _is_tensor_parallel_hook(h)] for t in tables]
+    if not any(hidden):
+        yield
+        return
+    for table, keys in zip(tables, hidden):
+        for key in keys:
+            del table[key]
+    try:
+        yield
+    finally:
+        for table, before in zip(tables, saved):  # the same hooks, in the same order
+            table.clear()
+            table.update(before)
 
 
 def fsdp_root(model: nn.Module, contains: nn.Module) -> nn.Module | None:

@@ -252,9 +252,7 @@ def linear_logprobs(
     """
     hidden, weight, bias, vocab_parallel_group = resolve_dtensor_inputs(
         hidden, weight, bias, vocab_parallel_group)
-    if vocab_parallel_group is not None:
-        check_transform(logit_scale, softcap, temperature)
-        check_options(ignore_index, filter_eps, backend)
+    if vocab_parallel_group is not None:  # checks its options itself, on every rank together
         parts = vocab_parallel_logprobs(
             hidden, weight, labels, bias, vocab_parallel_group, ignore_index=ignore_index,
             temperature=temperature, logit_scale=logit_scale, softcap=softcap,

@@ -7,7 +7,8 @@ token ids; ``hidden`` and ``labels`` are replicated in the group. Every rank ret
 outputs; the backward gives every rank the full ``dH`` (all-reduced) and its own ``dW``/``db``.
 
     1. One ``all_gather`` of a small float64 vector per rank: V_r (-> offsets, V), N, D, the
-       options, and checksums of ``hidden`` and ``labels``. A rank whose inputs differ (not
+       options, and checksums of ``hidden``, ``labels`` and ``weight`` (the same head on every
+       rank is the whole head passed by mistake: raises). A rank whose inputs differ (not
        replicated: e.g. an FSDP-sharded weight passed as a vocabulary shard, where each rank
        holds its own batch) makes EVERY rank raise, so nothing is silently wrong and no rank
        hangs in a later collective.
@@ -25,7 +26,7 @@ outputs; the backward gives every rank the full ``dH`` (all-reduced) and its own
        M = max_r m_r, log s1 = lse - M, E[z] from the global entropy), then
        ``all_reduce(SUM)`` of dH (fp32, before the cast to the input dtype).
 
-Communication per call: 2 small all-gathers forward (``[14]`` float64 and ``[K, N]`` fp32 per
+Communication per call: 2 small all-gathers forward (``[16]`` float64 and ``[K, N]`` fp32 per
 rank, K <= 7), one ``[N, D]`` fp32 all-reduce backward. Memory per rank scales with V/P.
 
 This is a ``torch.autograd.Function`` around ``torch.distributed`` collectives, not a custom
@@ -44,7 +45,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backend import resolve_backend
-from .checks import check_label_values, check_linear_inputs, check_same_dtype
+from .checks import (
+    check_label_values,
+    check_linear_inputs,
+    check_options,
+    check_same_dtype,
+    check_transform,
+)
 from .logprobs_passes import autocast_operands, backward_pass, filter_plan, forward_pass
 
 __all__ = ["is_vocab_sharded", "resolve_dtensor_inputs", "vocab_parallel_logprobs"]
@@ -112,6 +119,17 @@ def resolve_dtensor_inputs(
             raise ValueError(
                 f"vocab_parallel_group (ranks {dist.get_process_group_ranks(group)}) is not the "
                 f"group of `{nw}`'s device mesh (ranks {dist.get_process_group_ranks(mesh_group)})")
+        mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+        if mesh_ranks != dist.get_process_group_ranks(mesh_group):
+            # DTensor gives the i-th block of rows to mesh coordinate i; the op orders the
+            # blocks by rank in the group, which sorts its ranks: taking one order for the
+            # other would put every label in the wrong block (silently wrong log-probs).
+            raise ValueError(
+                f"`{nw}` is a DTensor on a device mesh whose rank order {mesh_ranks} is not its "
+                f"process group's order {dist.get_process_group_ranks(mesh_group)}: the "
+                "vocabulary-parallel op takes the blocks of rows in group-rank order; use a "
+                "mesh in increasing rank order, or pass the local rows with "
+                "vocab_parallel_group= in group-rank order")
         group = mesh_group
         weight = weight.to_local()
     if isinstance(bias, dtensor):
@@ -136,8 +154,9 @@ def resolve_dtensor_inputs(
 # Step 1: what the ranks agree on.
 
 # Layout of the per-rank metadata vector (float64; the label checksum travels as int64 bits).
-_ERR, _VR, _N, _D, _GRAD, _FLAGS, _SCALE, _CAP, _TEMP, _IGNORE, _LABELS, _HSUM, _HABS, _HSQ = range(14)
-_META = 14
+(_ERR, _VR, _N, _D, _GRAD, _FLAGS, _SCALE, _CAP, _TEMP, _IGNORE, _LABELS, _HSUM, _HABS, _HSQ,
+ _WSUM, _WABS) = range(16)
+_META = 16
 
 
 def _hidden_checksums(hidden: Tensor) -> Tensor:
@@ -169,8 +188,8 @@ class _Group:
         return self.offsets[-1] + self.sizes[-1]
 
 
-def _agree(group, hidden: Optional[Tensor], labels: Optional[Tensor], vocab_r: int,
-           error: Optional[BaseException], device: torch.device, needs_grad: bool,
+def _agree(group, hidden: Optional[Tensor], labels: Optional[Tensor], weight: Optional[Tensor],
+           vocab_r: int, error: Optional[BaseException], device: torch.device, needs_grad: bool,
            flags: int, options: tuple[float, float, float, int]) -> _Group:
     meta = torch.zeros(_META, device=device, dtype=torch.float64)
     meta[_ERR] = float(error is not None)
@@ -180,11 +199,14 @@ def _agree(group, hidden: Optional[Tensor], labels: Optional[Tensor], vocab_r: i
         meta[_SCALE:_IGNORE + 1] = torch.tensor(options, dtype=torch.float64)
         meta[_LABELS:_LABELS + 1] = _labels_checksum(labels).view(torch.float64)
         meta[_HSUM:_HSQ + 1] = _hidden_checksums(hidden)
+        w = weight.detach()  # one read of this rank's rows: is it the same head on every rank?
+        meta[_WSUM] = w.sum(dtype=torch.float64)
+        meta[_WABS] = torch.linalg.vector_norm(w, 1, dtype=torch.float64)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     gathered = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered, meta, group=group)
-    table = torch.stack(gathered).cpu()  # [P, 14]: one host sync per call
+    table = torch.stack(gathered).cpu()  # [P, 16]: one host sync per call
     failed = [r for r in range(world) if table[r, _ERR] != 0]
     if failed:
         if error is not None:
@@ -226,6 +248,15 @@ def _check_agreement(table: Tensor, rank: int, sizes: tuple[int, ...]) -> None:
         raise ValueError(
             f"`labels` differ across vocab_parallel_group (rank(s) {bad_labels} vs rank 0): "
             "labels are global token ids replicated in the group")
+    w = table[:, _WSUM:_WABS + 1]
+    if table.shape[0] > 1 and bool((w == w[0]).all()) and bool(w[0, 1] > 0):
+        # Identical non-zero rows on every rank: the whole head passed with the group (it would
+        # be taken for P blocks of a P*V vocabulary: every log-prob off by log P).
+        raise ValueError(
+            f"every rank of vocab_parallel_group passed the same `weight` ({sizes[0]} rows): "
+            "vocab_parallel_group means each rank holds its own block of rows of the head. Pass "
+            "this rank's rows (e.g. torch.chunk(weight, P)[rank]), or the whole head without "
+            "vocab_parallel_group")
     h = table[:, _HSUM:_HSQ + 1]
     scale = h[0, 1].abs() + 1e-30  # sum |h| bounds |sum h|; sum h^2 against itself
     bad = [r for r in range(1, h.shape[0])
@@ -368,7 +399,8 @@ def vocab_parallel_logprobs(
     deterministic: bool, backend: str,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``linear_logprobs`` over a vocabulary shard (module docstring); local tensors only
-    (``resolve_dtensor_inputs`` first). Options are checked by the caller.
+    (``resolve_dtensor_inputs`` first). Options are checked here, with the tensors: an invalid
+    option on one rank makes every rank raise (none waits in the first collective).
 
     hidden ``[..., D]`` and labels ``[...]`` (global ids) replicated in ``group``; weight
     ``[V_r, D]``, bias ``[V_r]``: this rank's rows. Returns ``(logprobs, entropy, mean_logit,
@@ -378,11 +410,16 @@ def vocab_parallel_logprobs(
         raise RuntimeError("vocab_parallel_group needs torch.distributed initialised "
                            "(init_process_group) in every process of the group")
     error: Optional[BaseException] = None
+    options = (0.0, 0.0, 0.0, 0.0)
     try:
         # Local problems are shared through the first collective: every rank raises together.
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
         check_linear_inputs(hidden, weight, labels, bias)  # an empty shard (V_r = 0) too
         hidden, weight = autocast_operands(hidden, weight)
         check_same_dtype(hidden, weight)
+        options = (float(logit_scale), -1.0 if softcap is None else float(softcap),
+                   float(temperature), float(ignore_index))
     except (TypeError, ValueError) as exc:
         error = exc
     flat_hidden = flat_labels = None
@@ -394,10 +431,8 @@ def vocab_parallel_logprobs(
     tensors = [t for t in (hidden, weight) if isinstance(t, Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     vocab_r = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
-    shards = _agree(group, flat_hidden, flat_labels, vocab_r, error, device,
-                    needs_grad, int(bool(return_entropy)) + 2 * int(bool(return_stats)),
-                    (float(logit_scale), -1.0 if softcap is None else float(softcap),
-                     float(temperature), float(ignore_index)))
+    shards = _agree(group, flat_hidden, flat_labels, weight, vocab_r, error, device,
+                    needs_grad, int(bool(return_entropy)) + 2 * int(bool(return_stats)), options)
     ignored = flat_labels == ignore_index
     rows = (~ignored).nonzero().squeeze(1)
     check_label_values(flat_labels, rows, shards.vocab)  # labels agree: every rank raises alike

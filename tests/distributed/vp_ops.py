@@ -7,7 +7,7 @@ one-process op on the whole head. A mismatch is recorded, never raised mid-case 
 would wait in a collective); the worker exits 1 at the end if any case failed.
 
 Usage: ``vp_ops.py [group ...]`` with groups ``op``, ``dtensor``, ``errors``, ``sgd``,
-``preference``, ``patch_model`` (default: all).
+``preference``, ``patch_model``, ``fsdp_tp_head`` (default: all).
 """
 
 from __future__ import annotations
@@ -282,6 +282,11 @@ def group_errors() -> None:
     # Options that differ between ranks.
     expect_error("different options", lambda: linear_logprobs(
         hidden, shard, labels, temperature=1.0 + rank, vocab_parallel_group=grp), "options")
+    # An invalid option on ONE rank: that rank names it, the others stop too (they used to wait
+    # in the first all_gather until the process group's timeout).
+    expect_error("invalid option on one rank", lambda: linear_logprobs(
+        hidden, shard, labels, temperature=0.0 if rank == 1 else 1.0, vocab_parallel_group=grp),
+        "temperature" if rank == 1 else "rejected their inputs")
     mesh = init_device_mesh("cpu", (world,))
     expect_error("Shard(1) weight", lambda: linear_logprobs(
         hidden, distribute_tensor(weight, mesh, [Shard(1)]), labels), "Shard(dim=1)", "1-D mesh")
@@ -295,6 +300,25 @@ def group_errors() -> None:
     h_sp = distribute_tensor(hidden, mesh, [Shard(0)])
     expect_error("sequence-sharded hidden DTensor", lambda: linear_logprobs(
         h_sp, distribute_tensor(weight, mesh, [Shard(0)]), labels), "hidden", "Shard(dim=0)")
+    # A mesh whose rank order is not the group's (DTensor gives block i to mesh coordinate i,
+    # the op orders blocks by group rank): was silently wrong (log-probs off by up to 5 nats).
+    from torch.distributed.device_mesh import DeviceMesh
+
+    reversed_mesh = DeviceMesh("cpu", torch.arange(world).flip(0))
+    expect_error("mesh in reversed rank order", lambda: linear_logprobs(
+        hidden, distribute_tensor(weight, reversed_mesh, [Shard(0)]), labels), "rank order")
+    # The whole head on every rank with the group: was taken for P blocks (log-probs - log P).
+    expect_error("whole head with vocab_parallel_group", lambda: linear_logprobs(
+        hidden, weight, labels, vocab_parallel_group=grp), "same `weight`")
+    # fused_linear_preference_loss with the group: a WHOLE reference head (a reference loaded
+    # separately) was taken for a block of a 2V-row vocabulary (reference log-probs off by
+    # log 2 per token, silently).
+    from apo_kernels import fused_linear_preference_loss
+
+    pairs = labels[:8].view(4, 2)
+    expect_error("whole ref_weight with vocab_parallel_group", lambda: fused_linear_preference_loss(
+        hidden[:8].view(4, 2, -1), shard, pairs, ref_hidden=hidden[:8].view(4, 2, -1),
+        ref_weight=weight, vocab_parallel_group=grp), "ref_weight", "rows")
     # After all the errors the group still works (no rank left behind in a collective).
     out = linear_logprobs(hidden, shard, labels, vocab_parallel_group=grp)
     near("after errors", out, linear_logprobs(hidden, weight, labels), 1e-5)
@@ -474,8 +498,55 @@ def group_compile() -> None:
         near(f"compile {name}", compiled, eager, 1e-6 * (1 + float(eager.abs().max())))
 
 
+def group_fsdp_tp_head() -> None:
+    """FSDP2 x TP with torch's own APIs: ``ColwiseParallel`` on ``lm_head`` over the ``tp`` mesh,
+    then the head in its OWN ``fully_shard`` group over ``dp`` (size 1 here: 2 ranks are one TP
+    group). The patched forward runs the head through that group's forward, where
+    ColwiseParallel's input/output hooks must not run (they passed on only the hidden states:
+    a TypeError inside the op). Log-probs, loss and every gradient vs one process."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from apo_kernels.integrations.transformers import patch_model
+
+    world = dist.get_world_size()
+    torch.manual_seed(71)
+    config = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    one = LlamaForCausalLM(config)
+    par = copy.deepcopy(one)
+    patch_model(one)
+    patch_model(par)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    parallelize_module(par, mesh["tp"], {"lm_head": ColwiseParallel()})
+    fully_shard(par.lm_head, mesh=mesh["dp"])
+    fully_shard(par, mesh=mesh["dp"])
+    gen = torch.Generator().manual_seed(72)
+    ids = torch.randint(0, 67, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[1, :4] = -100
+    outs = []
+    for model in (one, par):
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        outs.append(out)
+    near("FSDP2 x TP head group logprobs", outs[1].logprobs, outs[0].logprobs, 1e-5)
+    near("FSDP2 x TP head group loss", outs[1].loss, outs[0].loss, 1e-6)
+    grads = {n: p.grad for n, p in par.named_parameters()}
+    for name, p in one.named_parameters():
+        grad = grads[name]
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        near(f"FSDP2 x TP head group grad {name}", grad, p.grad, 1e-5)
+
+
 GROUPS = {"op": group_op, "dtensor": group_dtensor, "errors": group_errors, "sgd": group_sgd,
-          "preference": group_preference, "patch_model": group_patch_model, "compile": group_compile}
+          "preference": group_preference, "patch_model": group_patch_model, "compile": group_compile,
+          "fsdp_tp_head": group_fsdp_tp_head}
 
 
 def main(argv: list[str]) -> int:
