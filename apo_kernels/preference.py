@@ -46,7 +46,7 @@ from .ops.checks import (
 )
 from .ops.preference_head import HEAD_LOSS_TYPES, preference_head
 from .ops.preference_single_pass import SinglePassPlan, single_pass_sequence_logps
-from .ops.vocab_parallel import resolve_dtensor_inputs
+from .ops.vocab_parallel import intended_group, resolve_dtensor_inputs, share_input_errors
 from .sequence import (
     REDUCTIONS,
     _check_ld_alpha,
@@ -230,69 +230,77 @@ def fused_linear_preference_loss(
     Returns:
         :class:`PreferenceLossOutput`.
     """
-    types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
-    _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
-    _check_ld_alpha(ld_alpha)
-    check_transform(logit_scale, softcap, temperature)
-    check_options(ignore_index, filter_eps, backend)
-    # DTensor inputs -> local shards + the vocabulary-parallel group (None: one process).
-    hidden, weight, bias, group = resolve_dtensor_inputs(hidden, weight, bias, vocab_parallel_group)
-    ref_group = group
-    if ref_hidden is not None:
-        names = ("ref_hidden", "ref_weight", "ref_bias")
-        if ref_weight is None:  # the policy's head (already local), only ref_hidden to resolve
-            ref_hidden = resolve_dtensor_inputs(ref_hidden, weight, None, None, names)[0]
-        else:
-            ref_hidden, ref_weight, ref_bias, ref_group = resolve_dtensor_inputs(
-                ref_hidden, ref_weight, ref_bias, vocab_parallel_group, names)
-            if (group is not None and ref_group is not None and isinstance(ref_weight, Tensor)
-                    and isinstance(weight, Tensor) and ref_weight.dim() == 2 and weight.dim() == 2
-                    and ref_weight.shape[0] != weight.shape[0]):
-                # Both heads are split over the group: each rank holds its rows of the same
-                # vocabulary. A whole reference head taken for a block would normalise over
-                # P copies of the vocabulary (reference log-probs off by log P per token).
-                raise ValueError(
-                    f"`ref_weight` has {ref_weight.shape[0]} rows on this rank but `weight` has "
-                    f"{weight.shape[0]}: with vocab_parallel_group both heads must be this rank's "
-                    "rows of the same vocabulary. For a whole reference head on every rank, pass "
-                    "the policy's head as a DTensor placed Shard(0) (no vocab_parallel_group) or "
-                    "precompute the reference log-probs")
-    hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
-    b = layout.num_seqs // 2
+    # Checked before the first collective of a vocabulary-parallel call: a rank whose inputs
+    # fail makes every rank of the group raise (share_input_errors), none waits in it.
+    shared_group = intended_group(weight, vocab_parallel_group)
+    input_error: BaseException | None = None
+    try:
+        types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
+        _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+        _check_ld_alpha(ld_alpha)
+        check_transform(logit_scale, softcap, temperature)
+        check_options(ignore_index, filter_eps, backend)
+        # DTensor inputs -> local shards + the vocabulary-parallel group (None: one process).
+        hidden, weight, bias, group = resolve_dtensor_inputs(hidden, weight, bias, vocab_parallel_group)
+        ref_group = group
+        if ref_hidden is not None:
+            names = ("ref_hidden", "ref_weight", "ref_bias")
+            if ref_weight is None:  # the policy's head (already local), only ref_hidden to resolve
+                ref_hidden = resolve_dtensor_inputs(ref_hidden, weight, None, None, names)[0]
+            else:
+                ref_hidden, ref_weight, ref_bias, ref_group = resolve_dtensor_inputs(
+                    ref_hidden, ref_weight, ref_bias, vocab_parallel_group, names)
+                if (group is not None and ref_group is not None and isinstance(ref_weight, Tensor)
+                        and isinstance(weight, Tensor) and ref_weight.dim() == 2 and weight.dim() == 2
+                        and ref_weight.shape[0] != weight.shape[0]):
+                    # Both heads are split over the group: each rank holds its rows of the same
+                    # vocabulary. A whole reference head taken for a block would normalise over
+                    # P copies of the vocabulary (reference log-probs off by log P per token).
+                    raise ValueError(
+                        f"`ref_weight` has {ref_weight.shape[0]} rows on this rank but `weight` has "
+                        f"{weight.shape[0]}: with vocab_parallel_group both heads must be this rank's "
+                        "rows of the same vocabulary. For a whole reference head on every rank, pass "
+                        "the policy's head as a DTensor placed Shard(0) (no vocab_parallel_group) or "
+                        "precompute the reference log-probs")
+        hidden, labels, layout = _resolve_layout(hidden, labels, cu_seqlens, seq_ids)
+        b = layout.num_seqs // 2
 
-    has_ref_hidden = ref_hidden is not None
-    has_ref_logps = ref_chosen_logps is not None or ref_rejected_logps is not None
-    if has_ref_hidden == has_ref_logps:
-        raise ValueError(
-            "give the reference either as `ref_hidden` (+ `ref_weight`) or as precomputed "
-            "`ref_chosen_logps` and `ref_rejected_logps`, exactly one of the two"
-        )
-    if has_ref_logps:
-        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-            if t is None or t.dim() != 1 or t.numel() != b:
-                got = None if t is None else tuple(t.shape)
-                raise ValueError(
-                    f"`{name}` must be [B]=({b},) to match the {2 * b} policy sequences "
-                    f"(chosen/rejected count mismatch); got {got}"
-                )
-    else:
-        if layout.packed and ref_hidden.dim() == 3 and ref_hidden.shape[0] == 1:
-            ref_hidden = ref_hidden[0]
-        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        has_ref_hidden = ref_hidden is not None
+        has_ref_logps = ref_chosen_logps is not None or ref_rejected_logps is not None
+        if has_ref_hidden == has_ref_logps:
             raise ValueError(
-                f"`ref_hidden` must have the token layout of `hidden` {tuple(hidden.shape[:-1])} + (D,), "
-                f"got {tuple(ref_hidden.shape)}"
+                "give the reference either as `ref_hidden` (+ `ref_weight`) or as precomputed "
+                "`ref_chosen_logps` and `ref_rejected_logps`, exactly one of the two"
             )
-        _check_reference_head(ref_hidden, ref_weight, ref_bias, weight, bias, labels)
+        if has_ref_logps:
+            for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+                if t is None or t.dim() != 1 or t.numel() != b:
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(
+                        f"`{name}` must be [B]=({b},) to match the {2 * b} policy sequences "
+                        f"(chosen/rejected count mismatch); got {got}"
+                    )
+        else:
+            if layout.packed and ref_hidden.dim() == 3 and ref_hidden.shape[0] == 1:
+                ref_hidden = ref_hidden[0]
+            if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+                raise ValueError(
+                    f"`ref_hidden` must have the token layout of `hidden` {tuple(hidden.shape[:-1])} + (D,), "
+                    f"got {tuple(ref_hidden.shape)}"
+                )
+            _check_reference_head(ref_hidden, ref_weight, ref_bias, weight, bias, labels)
 
-    mask = labels != ignore_index
-    if not bool(mask.any()):
-        raise ValueError(
-            f"`labels` has no completion token (every label is ignore_index={ignore_index}): "
-            "nothing to score"
-        )
+        mask = labels != ignore_index
+        if not bool(mask.any()):
+            raise ValueError(
+                f"`labels` has no completion token (every label is ignore_index={ignore_index}): "
+                "nothing to score"
+            )
+    except (TypeError, ValueError) as exc:
+        input_error = exc
+    share_input_errors(shared_group, input_error)
 
     op_kwargs = dict(
         ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,

@@ -54,7 +54,8 @@ from .checks import (
 )
 from .logprobs_passes import autocast_operands, backward_pass, filter_plan, forward_pass
 
-__all__ = ["is_vocab_sharded", "resolve_dtensor_inputs", "vocab_parallel_logprobs"]
+__all__ = ["intended_group", "is_vocab_sharded", "resolve_dtensor_inputs", "share_input_errors",
+           "vocab_parallel_logprobs"]
 
 # Relative tolerance of the replication check of `hidden` (identical tensors give identical
 # float64 sums; a sharded batch differs at O(1)).
@@ -88,6 +89,44 @@ def is_vocab_sharded(weight: object) -> bool:
     """Whether ``weight`` is a DTensor placed ``Shard(0)`` on a 1-D mesh (a vocabulary shard)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(weight, dtensor) and _is_vocab_shard(weight)
+
+
+def intended_group(weight: object, group: object) -> object:
+    """The process group a call with this ``weight`` and ``vocab_parallel_group`` runs over: the
+    argument, else the mesh group of a ``Shard(0)`` DTensor weight, else None (one process).
+    Never raises: it only tells callers whom to warn when their own input checks fail."""
+    if group is not None:
+        return group
+    if is_vocab_sharded(weight):
+        try:
+            return weight.device_mesh.get_group()
+        except (RuntimeError, ValueError):  # not a usable mesh: resolve_dtensor_inputs says why
+            return None
+    return None
+
+
+def share_input_errors(group: object, error: Optional[BaseException]) -> None:
+    """Raise on EVERY rank of ``group`` when any rank found a problem in its inputs.
+
+    A caller that validates its arguments before its first collective (the preference loss:
+    loss options, layouts, the reference) would otherwise raise on the ranks whose inputs are
+    wrong (e.g. labels that are not replicated) and leave the others waiting in that collective
+    until the process-group timeout. One all-reduce of a flag per call; nothing without a group.
+    """
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend(group))
+    flag = torch.tensor([float(error is not None)],
+                        device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if flag.item() != 0:
+        raise ValueError(
+            f"another rank of vocab_parallel_group rejected its inputs (see its error); this rank "
+            f"({dist.get_rank(group)}) stops too so that no rank waits in a collective")
 
 
 def resolve_dtensor_inputs(

@@ -319,6 +319,19 @@ def group_errors() -> None:
     expect_error("whole ref_weight with vocab_parallel_group", lambda: fused_linear_preference_loss(
         hidden[:8].view(4, 2, -1), shard, pairs, ref_hidden=hidden[:8].view(4, 2, -1),
         ref_weight=weight, vocab_parallel_group=grp), "ref_weight", "rows")
+    # Checks the preference loss runs before its first collective, failing on ONE rank: every
+    # rank raises (the others used to wait in the first all_gather until the timeout).
+    expect_error("invalid beta on one rank", lambda: fused_linear_preference_loss(
+        hidden[:8].view(4, 2, -1), shard, pairs, ref_chosen_logps=torch.zeros(2),
+        ref_rejected_logps=torch.zeros(2), beta=-1.0 if rank == 1 else 0.1, vocab_parallel_group=grp),
+        "beta" if rank == 1 else "rejected its inputs")
+    empty = pairs.clone()
+    if rank == 0:
+        empty[:] = -100  # labels not replicated: no completion token on this rank only
+    expect_error("no completion token on one rank", lambda: fused_linear_preference_loss(
+        hidden[:8].view(4, 2, -1), shard, empty, ref_chosen_logps=torch.zeros(2),
+        ref_rejected_logps=torch.zeros(2), vocab_parallel_group=grp),
+        "no completion token" if rank == 0 else "rejected its inputs")
     # After all the errors the group still works (no rank left behind in a collective).
     out = linear_logprobs(hidden, shard, labels, vocab_parallel_group=grp)
     near("after errors", out, linear_logprobs(hidden, weight, labels), 1e-5)
