@@ -74,6 +74,30 @@ def test_owner_rule_routes_the_head_through_its_hooks(head_rule) -> None:
     torch.testing.assert_close(model.lm_head(h), h @ model.lm_head.weight.T)
 
 
+def test_owner_call_under_torch_compile_matches_eager(head_rule) -> None:
+    """torch.compile of a patched model whose head goes through its owner (ZeRO-3's layout):
+    Dynamo used to trace the forward swap and fail restoring it (AttributeError); the call runs
+    eagerly behind a graph break, with the eager loss and gradient and the owner's hook applied."""
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        model = _model()
+        patch_model(model, backend="torch")
+        model.lm_head.weight._test_owned = True
+        # Work done by the owner's hook (as a wrapper's would): hidden states doubled.
+        model.lm_head.register_forward_pre_hook(lambda m, args: (args[0] * 2, *args[1:]))
+        run = torch.compile(model, backend="eager") if compiled else model
+        out = run(input_ids=ids, labels=ids)
+        out.loss.backward()
+        assert "forward" not in model.lm_head.__dict__
+        results.append((out.loss.detach(), model.lm_head.weight.grad))
+    plain = _model()
+    patch_model(plain, backend="torch")
+    assert not torch.allclose(plain(input_ids=ids, labels=ids).loss, results[0][0])  # the hook mattered
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
 def test_call_head_carries_none_and_restores_forward_on_error(head_rule) -> None:
     head = torch.nn.Linear(D, V, bias=False)
     head.weight._test_owned = True

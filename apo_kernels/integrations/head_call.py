@@ -26,6 +26,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .zero3 import zero3_head_owner
@@ -342,6 +343,10 @@ def call_head(model: nn.Module, head: nn.Module, fn: HeadFn, *inputs: Tensor) ->
     return call_through(owner, lambda *args: fn(head.weight, _bias(head), *args), *inputs)
 
 
+# Eager under torch.compile (a graph break): swapping `forward` on an instance is not something
+# Dynamo can trace (it raised AttributeError on the restore), and the owner's hooks (FSDP2's,
+# DeepSpeed's) run eagerly under torch.compile anyway.
+@torch.compiler.disable
 def call_through(module: nn.Module, fn: Callable[..., Sequence[Tensor | None]],
                  *inputs: Tensor) -> tuple[Tensor | None, ...]:
     """``fn(*inputs)`` run as ``module``'s forward: ``module(*inputs)`` with its hooks.
