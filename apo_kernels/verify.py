@@ -1,10 +1,16 @@
 """Verify values and gradients against a float64 reference, by cut-cross-entropy's rule.
 
-    |ours - oracle| <= |same-dtype torch - oracle| + tol      (elementwise)
+    |ours - oracle| <= |same-dtype torch - oracle| + tol * max(1, |oracle|)      (elementwise)
 
 ``oracle`` is the ordinary computation in float64; ``same-dtype torch`` is the ordinary
 computation in the inputs' own dtype, so low precision is judged against what the dtype itself
 allows. Used by the tests and ``apo-kernels check``.
+
+``tol`` is absolute up to magnitude 1 and relative above it: our rounding is independent of the
+same-dtype path's, so where that path happens to land near the oracle, ``tol`` alone must cover
+our own error, which grows with the value (fp32 rounding is relative). With an absolute 1e-5,
+an fp32 weight gradient of 8.75 (about 10 ulp of slack) failed by 1e-6 in roughly one case in
+a thousand.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def compare_by_rule(name: str, ours: torch.Tensor, oracle: torch.Tensor, same_dt
         raise ValueError(f"{name}: shape {tuple(ours.shape)} != oracle shape {tuple(oracle.shape)}")
     finite = bool(torch.isfinite(ours).all())
     err = (ours - oracle).abs()
-    bound = (same_dtype - oracle).abs() + TOLERANCE[dtype] + extra_tol
+    bound = (same_dtype - oracle).abs() + TOLERANCE[dtype] * oracle.abs().clamp(min=1.0) + extra_tol
     excess = err - bound
     bad = excess > 0
     detail = ""
