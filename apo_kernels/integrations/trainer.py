@@ -17,8 +17,9 @@ The reference is, in order: ``ref_chosen_logps``/``ref_rejected_logps`` in the b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -251,30 +252,55 @@ def precompute_ref_logps(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    error: Exception | None = None
     if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-    if len(dataset) == 0:
-        raise ValueError("`dataset` is empty: nothing to score")
-    rank, world = _split_ranks(split_across_ranks, ref_model, len(dataset), batch_size)
+        error = ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    elif len(dataset) == 0:
+        error = ValueError("`dataset` is empty: nothing to score")
+    # Checked on every rank together when splitting: a rank that raised alone here would leave
+    # the others waiting in the first collective.
+    rank, world = _split_ranks(split_across_ranks, ref_model, dataset, batch_size, error)
     n_batches = -(-len(dataset) // batch_size)
     batches = [list(range(i * batch_size, min(len(dataset), (i + 1) * batch_size))) for i in range(n_batches)]
     mine = list(range(rank, n_batches, world))
     rounds = -(-n_batches // world)
     # Padding rounds re-score this rank's first batch (or batch 0): every rank runs `rounds`
-    # forwards, as the gathers of a sharded reference need.
+    # forwards, as the gathers of a sharded reference need. Their results are dropped.
     order = mine + [mine[0] if mine else 0] * (rounds - len(mine))
     loader = DataLoader(dataset, batch_sampler=[batches[i] for i in order], collate_fn=collator)
     scorer = _ReferenceScorer(ref_model, reduction=reduction, ld_alpha=ld_alpha, temperature=temperature)
     scores: dict[int, tuple[list[float], list[float]]] = {}
     show = progress and rank == 0
     with scorer:
-        for index, batch in zip(order, tqdm(loader, desc="reference log-probs", unit="batch", disable=not show)):
-            result = scorer(batch)
-            scores.setdefault(index, result)  # a padding round's repeat is dropped
+        batches_iter = iter(tqdm(loader, desc="reference log-probs", unit="batch", disable=not show))
+        for step, index in enumerate(order):
+            # A failure on this rank's own batches (a record the collator rejects, a label out of
+            # the vocabulary) is shared before the next forward: the peers, scoring other
+            # batches, would otherwise wait in the reference's or the final gather's collectives.
+            batch = None
+            try:
+                batch = next(batches_iter)
+            except Exception as exc:
+                if world == 1:
+                    raise
+                error = error or exc
+            _share_error(world, error)
+            try:
+                result = scorer(batch)
+                if step < len(mine):  # a padding round's repeat is dropped
+                    scores[index] = result
+            except Exception as exc:
+                if world == 1:
+                    raise
+                error = exc
+        next(batches_iter, None)  # exhausted: the progress bar closes
     if world > 1:
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, scores)
-        scores = {i: v for part in gathered for i, v in part.items()}
+        torch.distributed.all_gather_object(gathered, (scores, None if error is None else repr(error)))
+        _raise_shared(error, [part[1] for part in gathered])
+        scores = {i: v for part in gathered for i, v in part[0].items()}
+    elif error is not None:
+        raise error
     chosen = [x for i in range(n_batches) for x in scores[i][0]]
     rejected = [x for i in range(n_batches) for x in scores[i][1]]
     if hasattr(dataset, "add_column"):
@@ -286,24 +312,68 @@ def precompute_ref_logps(
             for ex, c, r in zip(dataset, chosen, rejected)]
 
 
-def _split_ranks(split: bool, ref_model: nn.Module, size: int, batch_size: int) -> tuple[int, int]:
+def _split_ranks(split: bool, ref_model: nn.Module, dataset: Any, batch_size: int,
+                 error: Exception | None) -> tuple[int, int]:
     """``(rank, world_size)`` over which :func:`precompute_ref_logps` splits its batches:
-    ``(0, 1)`` when not splitting. Every rank checks that all were given the same dataset size
-    and batch size (else all raise: a different split on one rank would misplace scores)."""
+    ``(0, 1)`` when not splitting (``error``, this rank's argument error, is raised). Splitting,
+    every rank checks that all were given the same dataset (size, and a fingerprint of sampled
+    records) and batch size, and that none found an error: else all raise (a different split on
+    one rank would misplace scores; a rank raising alone would leave the others in a collective).
+    """
     dist = torch.distributed
     if not split or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
         return 0, 1
     tp = tensor_parallel_params(unwrap_model(ref_model))
     if tp:  # local to each rank, so every rank raises (no collective is left waiting)
         raise ValueError(f"split_across_ranks=True: `ref_model` is tensor-parallel ({tp[0]}, ...), "
                          "and tensor-parallel ranks must score the same batches; pass split_across_ranks=False")
-    mine = (size, batch_size)
+    mine = (len(dataset), batch_size, None if error is not None else _fingerprint(dataset))
     seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
-    if any(other != mine for other in seen):
-        raise ValueError("split_across_ranks=True: ranks were given different (len(dataset), batch_size): "
-                         f"{seen}; every rank must pass the same dataset")
+    dist.all_gather_object(seen, (mine, None if error is None else repr(error)))
+    _raise_shared(error, [s[1] for s in seen])
+    if any(other[0] != mine for other in seen):
+        raise ValueError("split_across_ranks=True: ranks were given different datasets "
+                         f"((len(dataset), batch_size, fingerprint) by rank: {[s[0] for s in seen]}); "
+                         "every rank must pass the same dataset")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _fingerprint(dataset: Any, samples: int = 64) -> str:
+    """A hash of up to ``samples`` evenly spaced records (first and last included): the same on
+    every rank for the same dataset, cheap for any size; it tells apart per-rank shards or
+    per-rank shuffles of equal length (which the length alone cannot)."""
+    n = len(dataset)
+    picks = sorted({(n - 1) * k // max(1, samples - 1) for k in range(samples)}) if n else []
+    digest = hashlib.sha256()
+    for i in picks:
+        record = dataset[i]
+        if isinstance(record, Mapping):
+            record = sorted(record.items(), key=lambda kv: str(kv[0]))
+        digest.update(repr(record).encode())
+    return digest.hexdigest()
+
+
+def _share_error(world: int, error: Exception | None) -> None:
+    """All ranks learn whether any failed (one small all-gather); every rank raises if so."""
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    seen: list[Any] = [None] * world
+    torch.distributed.all_gather_object(seen, None if error is None else repr(error))
+    _raise_shared(error, seen)
+
+
+def _raise_shared(error: Exception | None, seen: list[str | None]) -> None:
+    """Raise ``error`` on the rank that found it, a ValueError naming it on every other rank."""
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(seen) if e is not None]
+    if failed:
+        raise ValueError(f"precompute_ref_logps(split_across_ranks=True): rank {failed[0][0]} failed "
+                         f"({failed[0][1]}); every rank stops so that none waits in a collective")
 
 
 class _ReferenceScorer:

@@ -423,6 +423,30 @@ def run_precompute(case: str, world: int) -> list[str]:
     except ValueError as err:
         if "same dataset" not in str(err):
             errors.append(f"{case}: unclear refusal: {err}")
+    # The same length, other records (a per-rank shard): refused too, not scored out of place.
+    shard = data[:pairs // 2] if dist.get_rank() == 0 else data[pairs // 2: 2 * (pairs // 2)]
+    try:
+        precompute_ref_logps(ref_model, shard, collate, batch_size=1, progress=False, split_across_ranks=True)
+        errors.append(f"{case}: equal-length different datasets on the ranks were not refused")
+    except ValueError as err:
+        if "same dataset" not in str(err):
+            errors.append(f"{case}: unclear refusal of per-rank shards: {err}")
+    # A rank's own problem (an empty dataset; a record its collator rejects, in a batch only
+    # rank 1 scores): every rank raises, none waits in a collective (the process-group timeout).
+    def rejecting(examples: list[dict]) -> dict:
+        if any(e["pair"] == pairs - 1 for e in examples):
+            raise ValueError("collator: bad record")
+        return collate(examples)
+
+    for what, kw in (("empty", dict(dataset=data if dist.get_rank() == 0 else [], collator=collate)),
+                     ("collator", dict(dataset=data, collator=rejecting))):
+        try:
+            precompute_ref_logps(ref_model, batch_size=pairs - 1, progress=False, split_across_ranks=True, **kw)
+            errors.append(f"{case}: {what}: no error")
+        except ValueError as err:
+            own = "empty" if what == "empty" else "bad record"
+            if own not in str(err):
+                errors.append(f"{case}: {what}: unclear error: {err}")
     return errors
 
 
