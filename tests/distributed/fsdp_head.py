@@ -438,8 +438,8 @@ def run_precompute(case: str, world: int) -> list[str]:
             raise ValueError("collator: bad record")
         return collate(examples)
 
-    for what, kw in (("empty", dict(dataset=data if dist.get_rank() == 0 else [], collator=collate)),
-                     ("collator", dict(dataset=data, collator=rejecting))):
+    for what, kw in (("empty", {"dataset": data if dist.get_rank() == 0 else [], "collator": collate}),
+                     ("collator", {"dataset": data, "collator": rejecting})):
         try:
             precompute_ref_logps(ref_model, batch_size=pairs - 1, progress=False, split_across_ranks=True, **kw)
             errors.append(f"{case}: {what}: no error")
