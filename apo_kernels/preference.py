@@ -298,7 +298,8 @@ def fused_linear_preference_loss(
                 f"`labels` has no completion token (every label is ignore_index={ignore_index}): "
                 "nothing to score"
             )
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any type (e.g. AttributeError from a list where a
+        # tensor goes): raised here as it is, and on the other ranks as a ValueError
         input_error = exc
     share_input_errors(shared_group, input_error)
 

@@ -459,7 +459,7 @@ def vocab_parallel_logprobs(
         check_same_dtype(hidden, weight)
         options = (float(logit_scale), -1.0 if softcap is None else float(softcap),
                    float(temperature), float(ignore_index))
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any type is shared, then raised here as it is
         error = exc
     flat_hidden = flat_labels = None
     needs_grad = False

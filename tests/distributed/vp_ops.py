@@ -332,6 +332,16 @@ def group_errors() -> None:
         hidden[:8].view(4, 2, -1), shard, empty, ref_chosen_logps=torch.zeros(2),
         ref_rejected_logps=torch.zeros(2), vocab_parallel_group=grp),
         "no completion token" if rank == 0 else "rejected its inputs")
+    # An input that is not a tensor on one rank (AttributeError inside the checks, not a
+    # TypeError/ValueError): shared all the same.
+    try:
+        fused_linear_preference_loss(
+            hidden[:8].view(4, 2, -1), shard, pairs, ref_chosen_logps=[0.0, 0.0] if rank == 1 else torch.zeros(2),
+            ref_rejected_logps=torch.zeros(2), vocab_parallel_group=grp)
+        fail("ref_chosen_logps a list on one rank: no error")
+    except Exception as exc:  # noqa: BLE001 - rank 1: its own error, whatever its type
+        if rank == 0 and not (isinstance(exc, ValueError) and "rejected its inputs" in str(exc)):
+            fail(f"ref_chosen_logps a list on rank 1: rank 0 got {type(exc).__name__}: {exc}")
     # After all the errors the group still works (no rank left behind in a collective).
     out = linear_logprobs(hidden, shard, labels, vocab_parallel_group=grp)
     near("after errors", out, linear_logprobs(hidden, weight, labels), 1e-5)
