@@ -243,7 +243,10 @@ def precompute_ref_logps(
             re-scores its first one and drops the result, which keeps the collectives of a
             sharded reference (FSDP2, ZeRO-3) in step. For data-parallel layouts (DDP, FSDP2,
             ZeRO-3); not for tensor parallelism, whose ranks must see the same batch. Without
-            an initialised process group (or with one rank) it changes nothing.
+            an initialised process group (or with one rank) it changes nothing. Checked on
+            every rank together: the same length, batch size and records (a fingerprint of
+            up to 64 sampled records); an error on one rank (an argument, a batch its
+            collator rejects) makes every rank raise before the next collective.
 
     Returns:
         the dataset with fp32 ``ref_chosen_logps`` and ``ref_rejected_logps`` columns (a new
