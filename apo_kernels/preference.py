@@ -301,7 +301,8 @@ def fused_linear_preference_loss(
     except Exception as exc:  # noqa: BLE001 - any type (e.g. AttributeError from a list where a
         # tensor goes): raised here as it is, and on the other ranks as a ValueError
         input_error = exc
-    share_input_errors(shared_group, input_error)
+    share_input_errors(shared_group, input_error,
+                       device=weight.device if isinstance(weight, Tensor) else None)
 
     op_kwargs = dict(
         ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,

@@ -105,21 +105,24 @@ def intended_group(weight: object, group: object) -> object:
     return None
 
 
-def share_input_errors(group: object, error: Optional[BaseException]) -> None:
+def share_input_errors(group: object, error: Optional[BaseException], device: object = None) -> None:
     """Raise on EVERY rank of ``group`` when any rank found a problem in its inputs.
 
     A caller that validates its arguments before its first collective (the preference loss:
     loss options, layouts, the reference) would otherwise raise on the ranks whose inputs are
     wrong (e.g. labels that are not replicated) and leave the others waiting in that collective
     until the process-group timeout. One all-reduce of a flag per call; nothing without a group.
+    ``device``: where the flag goes, the device of the caller's tensors (this rank's GPU under
+    NCCL, as the op's own collectives use); else this process's current CUDA device under NCCL.
     """
     if group is None or not (dist.is_available() and dist.is_initialized()):
         if error is not None:
             raise error
         return
-    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend(group))
-    flag = torch.tensor([float(error is not None)],
-                        device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    if not (isinstance(device, torch.device) and device.type == "cuda"):
+        on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend(group))
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    flag = torch.tensor([float(error is not None)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if error is not None:
         raise error
