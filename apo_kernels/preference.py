@@ -235,13 +235,10 @@ def fused_linear_preference_loss(
     shared_group = intended_group(weight, vocab_parallel_group)
     input_error: BaseException | None = None
     try:
-        types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
-        _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
-        _check_ld_alpha(ld_alpha)
-        check_transform(logit_scale, softcap, temperature)
-        check_options(ignore_index, filter_eps, backend)
+        types = _checked_options(
+            loss_type, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef, reduction, ld_alpha, logit_scale, softcap, temperature,
+            ignore_index, filter_eps, backend)
         # DTensor inputs -> local shards + the vocabulary-parallel group (None: one process).
         hidden, weight, bias, group = resolve_dtensor_inputs(hidden, weight, bias, vocab_parallel_group)
         ref_group = group
@@ -372,6 +369,21 @@ def fused_linear_preference_loss(
         loss=losses.mean(), losses=losses, chosen_logps=seq[:b], rejected_logps=seq[b:],
         ref_chosen_logps=seq_ref[:b].detach(), ref_rejected_logps=seq_ref[b:].detach(), metrics=metrics,
     )
+
+
+def _checked_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type,
+                     f_alpha_divergence_coef, reduction, ld_alpha, logit_scale, softcap, temperature,
+                     ignore_index, filter_eps, backend) -> list[str]:
+    """Every scalar option of the preference loss and of its op checked (ValueError/TypeError
+    naming it); returns the loss types. Shared by the function and the module's constructor."""
+    types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
+    _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
+    _check_ld_alpha(ld_alpha)
+    check_transform(logit_scale, softcap, temperature)
+    check_options(ignore_index, filter_eps, backend)
+    return types
 
 
 #: Losses whose gradient for one pair depends on the other pairs' log-probs (they sort over the
@@ -582,14 +594,11 @@ class FusedLinearPreferenceLoss(nn.Module):
         vocab_parallel_group: object = None,
     ) -> None:
         super().__init__()
-        types = [t for t, _ in _normalise_loss_types(loss_type, loss_weights)]
-        _validate_params(types, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"Unknown `reduction` {reduction!r}; valid reductions are {list(REDUCTIONS)}")
-        _check_ld_alpha(ld_alpha)
         # The op's options too, so a bad one fails here and not at the first batch.
-        check_transform(logit_scale, softcap, temperature)
-        check_options(ignore_index, filter_eps, backend)
+        _checked_options(
+            loss_type, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef, reduction, ld_alpha, logit_scale, softcap, temperature,
+            ignore_index, filter_eps, backend)
         self.config = dict(
             loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,

@@ -1,9 +1,15 @@
 """What the torchrun workers that compare a sharded model with one process share: the global
-batch and the one-process ground truth (the unpatched model's own logits, in float64)."""
+batch, the one-process ground truth (the unpatched model's own logits, in float64) and the loop
+that runs named cases and reports one verdict line each (read by ``launch.run_cases``)."""
 
 from __future__ import annotations
 
+import os
+import traceback
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 
 
 def causal_batch(step: int, vocab: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,3 +50,31 @@ def one_process_reference(model: torch.nn.Module, batches, opt: torch.optim.Opti
         opt.step()
     first["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return first
+
+
+def run_case_loop(cases: list[str], run_case: Callable[[str], tuple[list[str], str]], results_env: str) -> int:
+    """Run every case on every rank (``run_case(case) -> (errors, note)``; an exception is an
+    error), agree on each verdict with one all-reduce (which also keeps the ranks' collectives in
+    step), print ``CASE <name> ok|FAILED`` on rank 0 and append it (with the first errors) to the
+    file named by ``$results_env``. Returns the number of failed cases."""
+    rank = dist.get_rank()
+    results = os.environ.get(results_env) if rank == 0 else None
+    failed = 0
+    for case in cases:
+        note = ""
+        try:
+            errors, note = run_case(case)
+        except Exception:  # noqa: BLE001  report every case, not only the first failure
+            errors = [f"{case} rank {rank}: raised\n{traceback.format_exc()}"]
+        flag = torch.tensor([len(errors)])
+        dist.all_reduce(flag)
+        if errors:
+            print("\n".join(errors[:8]), flush=True)
+        verdict = f"CASE {case} FAILED" if flag.item() else f"CASE {case} ok{note}"
+        failed += bool(flag.item())
+        if rank == 0:
+            print(verdict, flush=True)
+            if results:
+                with open(results, "a") as f:
+                    f.write(verdict + ("\n" + "\n".join(errors[:8]) if errors else "") + "\n")
+    return failed

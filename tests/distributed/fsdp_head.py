@@ -59,7 +59,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 
 import copy
 import sys
-import traceback
 import warnings
 from types import SimpleNamespace
 
@@ -74,7 +73,7 @@ from apo_kernels import FusedLinearPreferenceLoss
 from apo_kernels.integrations.head_call import UnsupportedHeadLayout, call_head, gathered_fsdp_param
 from apo_kernels.integrations.trainer import compute_preference_loss, precompute_ref_logps
 from apo_kernels.integrations.transformers import output_head, patch_model
-from tests.distributed.common import causal_batch, one_process_reference
+from tests.distributed.common import causal_batch, one_process_reference, run_case_loop
 
 V, D, B, T = 67, 32, 8, 9  # B: global batch (rows), split evenly over 2 or 4 ranks
 WRAPPINGS = ("head", "head_norm", "head_embed", "embed", "backbone", "accel", "root")
@@ -540,26 +539,7 @@ def main() -> int:
     # drop FSDP's pre-backward hook): our head call and patched forward must return none.
     warnings.filterwarnings("error", message=".*returned a view tensor.*")
     cases = sys.argv[1:] or list(CASES)
-    results = os.environ.get("APO_FSDP_RESULTS") if rank == 0 else None
-    failed = 0
-    for case in cases:
-        note = ""
-        try:
-            errors, note = run_case(case, rank, world)
-        except Exception:  # noqa: BLE001  report every case, not only the first failure
-            errors = [f"{case} rank {rank}: raised\n{traceback.format_exc()}"]
-        # Every rank must agree on the verdict (and keep collectives in step).
-        flag = torch.tensor([len(errors)])
-        dist.all_reduce(flag)
-        if errors:
-            print("\n".join(errors[:8]), flush=True)
-        verdict = f"CASE {case} FAILED" if flag.item() else f"CASE {case} ok{note}"
-        failed += bool(flag.item())
-        if rank == 0:
-            print(verdict, flush=True)
-            if results:
-                with open(results, "a") as f:
-                    f.write(verdict + ("\n" + "\n".join(errors[:8]) if errors else "") + "\n")
+    failed = run_case_loop(cases, lambda case: run_case(case, rank, world), "APO_FSDP_RESULTS")
     dist.destroy_process_group()
     return 1 if failed else 0
 

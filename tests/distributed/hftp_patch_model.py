@@ -53,7 +53,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import shutil
 import sys
 import tempfile
-import traceback
 import warnings
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -72,7 +71,7 @@ from apo_kernels.integrations.transformers import patch_model, verify_patch
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
-from tests.distributed.common import causal_batch, one_process_reference
+from tests.distributed.common import causal_batch, one_process_reference, run_case_loop
 
 V, D, B, T = 67, 32, 4, 9  # B: global batch rows (split over FSDP ranks in the 4-rank cases)
 CASES = ("auto-untied", "size-tied", "auto-untied-triton", "rowwise-untied", "mismatch", "trainer",
@@ -475,24 +474,7 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cases = sys.argv[1:] or list(CASES if world == 2 else CASES_4)
-    results = os.environ.get("APO_HFTP_RESULTS") if rank == 0 else None
-    failed = 0
-    for case in cases:
-        try:
-            errors = run_case(case, rank, world)
-        except Exception:  # noqa: BLE001  report every case, not only the first failure
-            errors = [f"{case} rank {rank}: raised\n{traceback.format_exc()}"]
-        flag = torch.tensor([len(errors)])
-        dist.all_reduce(flag)  # every rank agrees on the verdict
-        if errors:
-            print("\n".join(errors[:8]), flush=True)
-        verdict = f"CASE {case} FAILED" if flag.item() else f"CASE {case} ok"
-        failed += bool(flag.item())
-        if rank == 0:
-            print(verdict, flush=True)
-            if results:
-                with open(results, "a") as f:
-                    f.write(verdict + ("\n" + "\n".join(errors[:8]) if errors else "") + "\n")
+    failed = run_case_loop(cases, lambda case: (run_case(case, rank, world), ""), "APO_HFTP_RESULTS")
     dist.barrier()
     for folder in SAVED:  # rank 0's (the others hold none)
         shutil.rmtree(folder, ignore_errors=True)
